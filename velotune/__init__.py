@@ -1,0 +1,1 @@
+"""velotune: fast LoRA/QLoRA fine-tuning."""
