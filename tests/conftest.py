@@ -30,3 +30,32 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """Factory: tiny_dir(family) -> folder of a tiny random-init checkpoint (built once per session)."""
+    from tests.tiny_models import make_tiny_model
+
+    cache = {}
+
+    def get(family: str = "llama", **kw):
+        key = (family, tuple(sorted(kw.items())))
+        if key not in cache:
+            cache[key] = make_tiny_model(family, tmp_path_factory.mktemp(f"tiny-{family}"), **kw)
+        return str(cache[key])
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def real_model_dir():
+    """The SmolLM2-135M-Instruct fixture folder; skipped (or failed in CI) when it is not built."""
+    from velotune.fixtures import smollm2_path, smollm2_ready
+
+    if not smollm2_ready():
+        msg = "the real small-model fixture is not built: run `python -m velotune.fixtures` (scripts/setup.sh does)"
+        if os.environ.get("VELOTUNE_REQUIRE_FIXTURES") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return str(smollm2_path())

@@ -1,1 +1,27 @@
-"""velotune: fast LoRA/QLoRA fine-tuning."""
+"""velotune: fast, memory-lean LoRA / QLoRA fine-tuning with offline exports.
+
+Drop-in names for the incumbent's API::
+
+    from velotune import FastLanguageModel, SFTTrainer, is_bfloat16_supported, alpaca_prompt
+"""
+from ._notices import VelotuneError
+from .api import FastLanguageModel
+from .data.alpaca import alpaca_prompt, alpaca_prompt_no_input, format_alpaca, get_alpaca_formatter
+from .device import MemoryReport, default_dtype, is_bfloat16_supported, memory_report
+from .training.trainer import SFTTrainer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FastLanguageModel",
+    "SFTTrainer",
+    "VelotuneError",
+    "is_bfloat16_supported",
+    "default_dtype",
+    "memory_report",
+    "MemoryReport",
+    "alpaca_prompt",
+    "alpaca_prompt_no_input",
+    "format_alpaca",
+    "get_alpaca_formatter",
+]

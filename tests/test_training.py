@@ -1,0 +1,105 @@
+"""SFTTrainer: the seed's call and TRL's current call; exact loss normalisation under accumulation."""
+from __future__ import annotations
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import TrainingArguments
+from trl import SFTConfig
+
+from velotune import FastLanguageModel, SFTTrainer, VelotuneError, get_alpaca_formatter, is_bfloat16_supported
+from velotune.data.bundled import load_alpaca_dataset
+
+
+def _peft(tiny_dir, load_in_4bit=True, **kw):
+    model, tok = FastLanguageModel.from_pretrained(tiny_dir(), max_seq_length=256, load_in_4bit=load_in_4bit)
+    model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing=True, **kw)
+    return model, tok
+
+
+def _dataset(tok, n=16):
+    return load_alpaca_dataset().select(range(n)).map(get_alpaca_formatter(tok), batched=True)
+
+
+def _lora_state(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def test_seed_call_equals_current_trl_call(tiny_dir, tmp_path):
+    """The seed's exact SFTTrainer call (TrainingArguments + legacy keywords) == TRL's SFTConfig call."""
+    runs = []
+    for form in ("seed", "trl"):
+        model, tokenizer = _peft(tiny_dir)
+        ds = _dataset(tokenizer)
+        common = dict(per_device_train_batch_size=2, gradient_accumulation_steps=4, warmup_steps=5, max_steps=3,
+                      learning_rate=2e-4, fp16=not is_bfloat16_supported(), bf16=is_bfloat16_supported(),
+                      logging_steps=1, optim="adamw_8bit", weight_decay=0.01, lr_scheduler_type="linear",
+                      seed=3407, output_dir=str(tmp_path / form), report_to="none")
+        if form == "seed":
+            trainer = SFTTrainer(model=model, tokenizer=tokenizer, train_dataset=ds, dataset_text_field="text",
+                                 max_seq_length=256, args=TrainingArguments(**common))
+        else:
+            trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=ds,
+                                 args=SFTConfig(dataset_text_field="text", max_length=256, **common))
+        assert trainer.args.max_length == 256 and trainer.args.optim.value == "adamw_8bit"
+        assert trainer.args.fp16 is False  # CPU: fp16 autocast is turned off (and said)
+        before = _lora_state(model)
+        stats = trainer.train()
+        after = _lora_state(model)
+        assert torch.isfinite(torch.tensor(stats.training_loss))
+        assert any(not torch.equal(before[k], after[k]) for k in before), "training did not change LoRA weights"
+        runs.append((stats.training_loss, after))
+    assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-6)
+    for k in runs[0][1]:
+        torch.testing.assert_close(runs[0][1][k], runs[1][1][k], rtol=1e-5, atol=1e-7)
+
+
+def test_tokenizer_defaults_from_model(tiny_dir, tmp_path):
+    model, tok = _peft(tiny_dir)
+    trainer = SFTTrainer(model=model, train_dataset=_dataset(tok), dataset_text_field="text",
+                         args=TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to="none"))
+    assert trainer.processing_class is tok
+    assert trainer.args.max_length == 256  # the max_seq_length the model was loaded with
+
+
+def test_trainer_bad_inputs(tiny_dir, tmp_path):
+    model, tok = _peft(tiny_dir)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to="none")
+    with pytest.raises(VelotuneError, match="conflicts with args.max_length=64"):
+        SFTTrainer(model=model, tokenizer=tok, train_dataset=_dataset(tok), max_seq_length=128,
+                   args=SFTConfig(output_dir=str(tmp_path), max_length=64, bf16=False))
+    with pytest.raises(VelotuneError, match="train_dataset is empty"):
+        SFTTrainer(model=model, tokenizer=tok, train_dataset=Dataset.from_dict({"text": []}), args=args)
+    with pytest.raises(VelotuneError, match="has no 'text' column"):
+        SFTTrainer(model=model, tokenizer=tok, train_dataset=load_alpaca_dataset().select(range(4)), args=args)
+    with pytest.raises(VelotuneError, match="pass the tokenizer once"):
+        SFTTrainer(model=model, tokenizer=tok, processing_class=object(), train_dataset=_dataset(tok), args=args)
+    with pytest.raises(VelotuneError, match="must be a transformers.TrainingArguments"):
+        SFTTrainer(model=model, tokenizer=tok, train_dataset=_dataset(tok), args={"lr": 1})
+
+
+def _one_sgd_step(tiny_dir, tmp_path, ds, bs, ga):
+    model, tok = _peft(tiny_dir, load_in_4bit=False)
+    args = TrainingArguments(output_dir=str(tmp_path / f"bs{bs}"), per_device_train_batch_size=bs,
+                             gradient_accumulation_steps=ga, max_steps=1, learning_rate=1.0, optim="sgd",
+                             lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0, seed=7,
+                             report_to="none", logging_steps=1, dataloader_drop_last=True)
+    trainer = SFTTrainer(model=model, tokenizer=tok, train_dataset=ds, dataset_text_field="text",
+                         max_seq_length=256, args=args)
+    before = _lora_state(model)
+    trainer.train()
+    return {k: v - before[k] for k, v in _lora_state(model).items()}
+
+
+def test_gradient_accumulation_equals_big_batch(tiny_dir, tmp_path):
+    """bs 2 x GA 4 takes the same step as bs 8 x GA 1: loss = sum of token losses / tokens in all 8 rows."""
+    _, tok = _peft(tiny_dir, load_in_4bit=False)
+    # Very different lengths, so averaging per micro-batch (the classic bug) would give a different step.
+    texts = [("word " * n).strip() + tok.eos_token for n in (3, 60, 5, 90, 2, 40, 7, 120)]
+    ds = Dataset.from_dict({"text": texts})
+    big = _one_sgd_step(tiny_dir, tmp_path, ds, bs=8, ga=1)
+    acc = _one_sgd_step(tiny_dir, tmp_path, ds, bs=2, ga=4)
+    moved = [k for k in big if big[k].abs().max() > 0]
+    assert moved, "the SGD step changed nothing"
+    for k in big:
+        torch.testing.assert_close(acc[k], big[k], rtol=1e-4, atol=1e-7)

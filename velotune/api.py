@@ -1,0 +1,191 @@
+"""``FastLanguageModel``: the drop-in facade users already type (from_pretrained, get_peft_model, ...)."""
+from __future__ import annotations
+
+import types
+
+import torch
+
+from . import adapters, loading
+from ._notices import VelotuneError, say, say_once
+
+# Arguments the incumbent's from_pretrained accepts that do nothing here; accepted so scripts run.
+_IGNORED_LOAD_ARGS = ("fast_inference", "use_exact_model_name", "random_state", "max_lora_rank",
+                      "gpu_memory_utilization", "disable_log_stats", "float8_kv_cache", "resize_model_vocab")
+
+
+def _attach_methods(model) -> None:
+    """Give a model velotune's save methods (as bound methods on this instance)."""
+    from .export.merge import save_pretrained_merged
+
+    model.save_pretrained_merged = types.MethodType(save_pretrained_merged, model)
+    model.save_pretrained_gguf = types.MethodType(_save_pretrained_gguf, model)
+
+
+def _save_pretrained_gguf(self, save_directory, tokenizer=None, quantization_method="fast_quantized", **kwargs):
+    """Export to GGUF (llama.cpp / Ollama) without llama.cpp; see ``velotune.export.gguf``."""
+    try:
+        from .export.gguf import save_model_gguf
+    except ImportError as e:
+        raise VelotuneError(f"GGUF export is not available in this build of velotune ({e})") from e
+    return save_model_gguf(self, save_directory, tokenizer=tokenizer, quantization_method=quantization_method, **kwargs)
+
+
+def _device_map(device_map, device_type: str):
+    if device_map not in ("auto", None):
+        return device_map
+    if device_type == "cuda":
+        # The whole model on the current GPU: "auto" in accelerate may spill layers to the CPU,
+        # which is slow and breaks 4-bit training.
+        return {"": torch.cuda.current_device()}
+    return {"": "cpu"}
+
+
+def _load_tokenizer(names: list[str], token, revision, trust_remote_code):
+    from transformers import AutoTokenizer
+
+    last = None
+    for name in names:
+        try:
+            return AutoTokenizer.from_pretrained(name, token=token, revision=revision, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError, TypeError) as e:
+            last = e
+    raise VelotuneError(f"could not load a tokenizer from {names} ({last}); save one next to the model")
+
+
+class FastLanguageModel:
+    """Load, adapt, train-or-infer and save a causal LM; mirrors the incumbent's API."""
+
+    @staticmethod
+    def from_pretrained(model_name: str, max_seq_length: int = 2048, dtype=None, load_in_4bit: bool = True,
+                        load_in_8bit: bool = False, full_finetuning: bool = False, token=None, device_map="auto",
+                        rope_scaling: dict | None = None, trust_remote_code: bool = False, revision=None,
+                        attn_implementation: str = "sdpa", fix_tokenizer: bool = True,
+                        use_gradient_checkpointing=None, **kwargs):
+        """Load a model and its tokenizer for fine-tuning. Returns ``(model, tokenizer)``.
+
+        Args:
+            model_name: a local Hugging Face folder, a PEFT adapter folder (base + adapter are restored,
+                adapter trainable), a Hub id (needs the Hub or its local cache; offline it fails at once
+                and says how to pass a local folder), or a pre-quantized bitsandbytes 4-bit checkpoint.
+            max_seq_length: longest sequence you will train on. Beyond the model's context, linear RoPE
+                scaling is applied (and said); pass ``rope_scaling`` to choose another.
+            dtype: None picks bfloat16 on GPUs of compute capability >= 8.0, float16 on older GPUs,
+                float32 on CPU (see ``velotune.device.default_dtype``).
+            load_in_4bit: NF4 with double quantisation (bitsandbytes), compute dtype = ``dtype`` (QLoRA).
+            load_in_8bit: LLM.int8 weights. ``full_finetuning``: 16-bit weights, all trainable.
+            token, revision, trust_remote_code (off unless you turn it on), attn_implementation ("sdpa").
+            device_map: "auto" puts the whole model on the current GPU (or the CPU).
+            fix_tokenizer: give the tokenizer a pad token (not EOS where possible) and right padding.
+        """
+        unknown = [k for k in kwargs if k not in _IGNORED_LOAD_ARGS]
+        if unknown:
+            raise TypeError(f"from_pretrained() got unexpected argument(s) {unknown}; see "
+                            "help(FastLanguageModel.from_pretrained) for what velotune accepts")
+        if isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int) or max_seq_length <= 0:
+            raise VelotuneError(f"max_seq_length={max_seq_length!r} must be a positive integer (tokens), e.g. 2048")
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        src = loading.resolve_source(model_name, token, revision, trust_remote_code)
+        base_name = src.name
+        if src.kind == "adapter":
+            base_src = loading.resolve_source(base_name, token, revision, trust_remote_code)
+            if base_src.kind == "adapter":
+                raise VelotuneError(f"the adapter's base {base_name!r} is itself an adapter folder; point it at a model")
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = loading.resolve_dtype(dtype, device_type)
+        config = AutoConfig.from_pretrained(base_name, token=token, revision=revision,
+                                            trust_remote_code=trust_remote_code)
+        pre = loading.prequantized(config)
+        load_in_4bit, load_in_8bit = loading.check_quant_flags(load_in_4bit, load_in_8bit, full_finetuning, pre)
+        rope_note = loading.apply_rope_scaling(config, max_seq_length, rope_scaling)
+        if rope_note:
+            say(rope_note)
+        qconf = loading.quantization_config(load_in_4bit, load_in_8bit, dtype) if pre is None else None
+        loading.announce(base_name, dtype, load_in_4bit, load_in_8bit, device_type)
+        model = AutoModelForCausalLM.from_pretrained(
+            base_name, config=config, dtype=dtype, quantization_config=qconf,
+            device_map=_device_map(device_map, device_type), token=token, revision=revision,
+            trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
+        )
+        loading.disable_cpu_bf16_repack(model)
+        tok_sources = ([src.adapter_dir] if src.kind == "adapter" else []) + [base_name]
+        tokenizer = _load_tokenizer(tok_sources, token, revision, trust_remote_code)
+        if fix_tokenizer:
+            loading.fix_tokenizer(tokenizer, model, max_seq_length)
+        if full_finetuning:
+            for p in model.parameters():
+                p.requires_grad_(p.is_floating_point())
+        model._velotune = loading.VelotuneState(
+            tokenizer=tokenizer, max_seq_length=max_seq_length, dtype=dtype, load_in_4bit=load_in_4bit,
+            load_in_8bit=load_in_8bit, full_finetuning=full_finetuning, source=str(model_name),
+        )
+        model.max_seq_length = max_seq_length
+        _attach_methods(model)
+        if use_gradient_checkpointing is not None:
+            model._velotune.gradient_checkpointing = use_gradient_checkpointing
+            if full_finetuning:
+                adapters.set_gradient_checkpointing(model, adapters.gradient_checkpointing_mode(use_gradient_checkpointing))
+        if src.kind == "adapter":
+            model = _load_adapter(model, src.adapter_dir)
+        return model, tokenizer
+
+    @staticmethod
+    def get_peft_model(model, r: int = 16, target_modules=None, lora_alpha: float = 16, lora_dropout: float = 0.0,
+                       bias: str = "none", layers_to_transform=None, layers_pattern=None,
+                       use_gradient_checkpointing="unsloth", random_state: int = 3407, use_rslora: bool = False,
+                       modules_to_save=None, init_lora_weights=True, loftq_config=None, use_dora: bool = False,
+                       **kwargs):
+        """Add LoRA adapters; returns a ``peft.PeftModel`` (``print_trainable_parameters()`` works).
+
+        Args:
+            r: LoRA rank (> 0). lora_alpha: scale numerator (scaling = alpha / r, or alpha / sqrt(r)
+                with ``use_rslora``). lora_dropout: in [0, 1). bias: "none" | "all" | "lora_only".
+            target_modules: linear layer names (default the 7 attention + MLP projections) or "all-linear".
+            use_gradient_checkpointing: True (recompute), False, "unsloth" / "offload" / "auto"
+                (accepted; run as recompute until offloaded checkpointing lands, said once).
+            random_state: seed for the adapter init. layers_to_transform / layers_pattern: restrict
+                LoRA to some layers. modules_to_save: extra modules trained fully (e.g. ["lm_head"]).
+        """
+        peft_model = adapters.get_peft_model(
+            model, r=r, target_modules=target_modules, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias=bias,
+            layers_to_transform=layers_to_transform, layers_pattern=layers_pattern,
+            use_gradient_checkpointing=use_gradient_checkpointing, random_state=random_state, use_rslora=use_rslora,
+            modules_to_save=modules_to_save, init_lora_weights=init_lora_weights, loftq_config=loftq_config,
+            use_dora=use_dora, **kwargs,
+        )
+        _attach_methods(peft_model)
+        return peft_model
+
+    @staticmethod
+    def for_inference(model):
+        """Switch to generation: eval mode, KV cache on, left padding for batched prompts. Returns model."""
+        st = loading.state_of(model)
+        model.eval()
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base.config.use_cache = True
+        if st.tokenizer is not None:
+            st.tokenizer.padding_side = "left"
+        return model
+
+    @staticmethod
+    def for_training(model, use_gradient_checkpointing=None):
+        """Switch back to training: train mode, KV cache off, right padding. Returns model."""
+        st = loading.state_of(model)
+        model.train()
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base.config.use_cache = False
+        if use_gradient_checkpointing is not None:
+            adapters.set_gradient_checkpointing(model, adapters.gradient_checkpointing_mode(use_gradient_checkpointing))
+            st.gradient_checkpointing = use_gradient_checkpointing
+        if st.tokenizer is not None:
+            st.tokenizer.padding_side = "right"
+        return model
+
+
+def _load_adapter(model, adapter_dir: str):
+    from peft import PeftModel
+
+    say_once("adapter:" + adapter_dir, f"restoring LoRA adapter from {adapter_dir} (trainable)")
+    peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
+    _attach_methods(peft_model)
+    return peft_model

@@ -1,0 +1,1 @@
+"""Exports: merged 16-bit safetensors, PEFT adapters, GGUF."""

@@ -1,0 +1,296 @@
+"""Merging LoRA into the base and writing Hugging Face folders (safetensors, sharded, atomic).
+
+The merge is exact to fp32: each frozen base weight is dequantised (NF4 / int8) or upcast to fp32,
+the LoRA delta ``scaling * B @ A`` is added in fp32, and only then is the sum rounded once to the
+save dtype. Tensors are produced one at a time (:func:`iter_merged_tensors`), so memory stays at one
+shard plus one weight, and the same stream feeds the GGUF writer.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from .._notices import VelotuneError, say
+from .atomic import atomic_directory, check_free_disk
+
+SAVE_METHODS = ("merged_16bit", "lora", "merged_4bit")
+_SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(size) -> int:
+    """'5GB' / '500MB' / '2GiB' / int bytes -> bytes."""
+    if isinstance(size, int) and size > 0:
+        return size
+    s = str(size).strip().upper()
+    for unit in sorted(_SIZE_UNITS, key=len, reverse=True):
+        if s.endswith(unit):
+            try:
+                value = float(s[: -len(unit)])
+            except ValueError:
+                break
+            if value > 0:
+                return int(value * _SIZE_UNITS[unit])
+    raise VelotuneError(f"max_shard_size={size!r} is not a size; use e.g. '5GB', '500MB' or a number of bytes")
+
+
+# ------------------------------------------------------------------------------- dequantisation
+def dequantized_weight(linear) -> torch.Tensor:
+    """The weight of a (possibly bitsandbytes-quantised) linear layer as a float32 [out, in] tensor."""
+    w = linear.weight
+    cls = type(w).__name__
+    if cls == "Params4bit" or getattr(w, "quant_state", None) is not None:
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(w.data, w.quant_state).float().reshape(linear.out_features, linear.in_features)
+    if cls == "Int8Params" or w.dtype == torch.int8:
+        scb = getattr(w, "SCB", None)
+        if scb is None:
+            scb = getattr(getattr(linear, "state", None), "SCB", None)
+        if scb is None:
+            raise VelotuneError(f"cannot dequantise int8 layer {linear}: its scale (SCB) is missing")
+        return w.data.float() * (scb.float().unsqueeze(1) / 127.0)
+    return w.data.float()
+
+
+def _lora_delta(layer, adapter: str) -> torch.Tensor:
+    """scaling * B @ A in fp32, shaped like the base weight [out, in]."""
+    a = layer.lora_A[adapter].weight.float()
+    b = layer.lora_B[adapter].weight.float()
+    delta = (b @ a) * float(layer.scaling[adapter])
+    return delta.T if getattr(layer, "fan_in_fan_out", False) else delta
+
+
+def _is_lora_layer(m) -> bool:
+    return hasattr(m, "base_layer") and hasattr(m, "lora_A") and hasattr(m, "scaling")
+
+
+def _is_modules_to_save(m) -> bool:
+    return hasattr(m, "original_module") and hasattr(m, "modules_to_save")
+
+
+def _is_quantized_linear(m) -> bool:
+    w = getattr(m, "weight", None)
+    return w is not None and (type(w).__name__ in ("Params4bit", "Int8Params") or w.dtype in (torch.uint8, torch.int8))
+
+
+def _check_mergeable(layer, name: str) -> list[str]:
+    if getattr(layer, "use_dora", {}) and any(layer.use_dora.values()):
+        raise VelotuneError(f"{name}: DoRA adapters cannot be merged by velotune yet")
+    if getattr(layer, "merged", False):
+        raise VelotuneError(f"{name}: adapters are already merged into the base; unmerge (model.unmerge_adapter()) first")
+    return [a for a in layer.active_adapters if a in layer.lora_A]
+
+
+def iter_merged_tensors(model, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (hf_name, tensor in ``dtype``, on CPU) for every weight of the merged model.
+
+    ``model`` is a PeftModel or a plain velotune-loaded model. Names are the base model's own
+    (``model.layers.0.self_attn.q_proj.weight``); tied output embeddings are yielded once.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    done: list[str] = []
+    yielded: set[int] = set()
+
+    def emit(name: str, t: torch.Tensor, key: int | None = None):
+        if key is not None:
+            if key in yielded:
+                return None
+            yielded.add(key)
+        return name, t.detach().to(dtype=dtype if t.is_floating_point() else t.dtype, device="cpu").contiguous()
+
+    for name, mod in base.named_modules():
+        if any(name.startswith(d + ".") for d in done):
+            continue
+        prefix = name + "." if name else ""
+        if _is_lora_layer(mod):
+            done.append(name)
+            w = dequantized_weight(mod.base_layer)
+            for adapter in _check_mergeable(mod, name):
+                w = w + _lora_delta(mod, adapter).to(w.device)
+            out = [emit(prefix + "weight", w)]
+            bias = getattr(mod.base_layer, "bias", None)
+            if bias is not None:
+                b = bias.detach().float()
+                for adapter in mod.active_adapters:
+                    lb = getattr(mod.lora_B[adapter], "bias", None) if adapter in mod.lora_B else None
+                    if lb is not None:
+                        b = b + lb.detach().float() * float(mod.scaling[adapter])
+                out.append(emit(prefix + "bias", b))
+            yield from (o for o in out if o is not None)
+        elif _is_modules_to_save(mod):
+            done.append(name)
+            active = mod.active_adapters[0] if mod.active_adapters else None
+            src = mod.modules_to_save[active] if active in mod.modules_to_save else mod.original_module
+            for pname, p in src.named_parameters():
+                o = emit(prefix + pname, p.float(), key=id(p))
+                if o is not None:
+                    yield o
+        elif _is_quantized_linear(mod):
+            done.append(name)
+            yield emit(prefix + "weight", dequantized_weight(mod))
+            if getattr(mod, "bias", None) is not None:
+                yield emit(prefix + "bias", mod.bias.float())
+        else:
+            for pname, p in mod.named_parameters(recurse=False):
+                o = emit(prefix + pname, p, key=id(p))
+                if o is not None:
+                    yield o
+            skip = getattr(mod, "_non_persistent_buffers_set", set())
+            for bname, buf in mod.named_buffers(recurse=False):
+                if buf is not None and bname not in skip:
+                    yield emit(prefix + bname, buf)
+
+
+def estimate_merged_bytes(model, dtype: torch.dtype) -> int:
+    """Bytes the merged model takes in ``dtype`` (from shapes; nothing is dequantised)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    total, seen = 0, set()
+    for name, mod in base.named_modules():
+        if _is_lora_layer(mod) or _is_quantized_linear(mod):
+            lin = mod.base_layer if _is_lora_layer(mod) else mod
+            total += lin.in_features * lin.out_features * itemsize
+            continue
+        for p in mod.parameters(recurse=False):
+            if id(p) not in seen and p.dtype not in (torch.uint8, torch.int8):
+                seen.add(id(p))
+                total += p.numel() * itemsize
+    return total
+
+
+# ------------------------------------------------------------------------------------- writing
+def _merged_config(model, dtype: torch.dtype):
+    import copy
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = copy.deepcopy(base.config)
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(cfg, attr):
+            delattr(cfg, attr)
+    cfg.dtype = dtype
+    return cfg
+
+
+def write_sharded(tensors: Iterator[tuple[str, torch.Tensor]], folder: Path, max_shard_bytes: int) -> list[str]:
+    """Write safetensors shards ``model-0000i-of-0000N.safetensors`` (+ index) or one ``model.safetensors``."""
+    from safetensors.torch import save_file
+
+    shards: list[list[str]] = []
+    weight_map: dict[str, int] = {}
+    buf: dict[str, torch.Tensor] = {}
+    buf_bytes = total = 0
+
+    def flush():
+        nonlocal buf, buf_bytes
+        if buf:
+            save_file(buf, str(folder / f"part-{len(shards):05d}.safetensors"), metadata={"format": "pt"})
+            shards.append(list(buf))
+            buf, buf_bytes = {}, 0
+
+    for name, t in tensors:
+        if name in weight_map or name in buf:
+            raise VelotuneError(f"internal error: tensor {name} produced twice while merging")
+        nbytes = t.numel() * t.element_size()
+        if buf and buf_bytes + nbytes > max_shard_bytes:
+            flush()
+        buf[name] = t
+        buf_bytes += nbytes
+        total += nbytes
+        weight_map[name] = len(shards)
+    flush()
+    if len(shards) == 1:
+        os.replace(folder / "part-00000.safetensors", folder / "model.safetensors")
+        return ["model.safetensors"]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for i, n in enumerate(names):
+        os.replace(folder / f"part-{i:05d}.safetensors", folder / n)
+    index = {"metadata": {"total_size": total}, "weight_map": {k: names[v] for k, v in sorted(weight_map.items())}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return names
+
+
+def resolve_save_dtype(model, dtype) -> torch.dtype:
+    """Default: the model's compute dtype when it is 16-bit, else bfloat16 ("merged_16bit")."""
+    if dtype is not None:
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise VelotuneError(f"dtype={dtype} cannot be saved; use torch.bfloat16, torch.float16 or torch.float32")
+        return dtype
+    from ..loading import state_of
+
+    try:
+        d = state_of(model).dtype
+    except VelotuneError:
+        d = next(model.parameters()).dtype
+    return d if d in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+
+def save_merged_16bit(model, save_directory, tokenizer=None, max_shard_size="5GB", dtype=None) -> Path:
+    """Merge LoRA into the fp32-dequantised base and write a plain HF folder (see module docstring)."""
+    dtype = resolve_save_dtype(model, dtype)
+    shard = parse_size(max_shard_size)
+    need = estimate_merged_bytes(model, dtype)
+    check_free_disk(Path(save_directory).parent, int(need * 1.05) + (64 << 20), "the merged model")
+    say(f"merging LoRA into the base in fp32 and saving {dtype} safetensors to {save_directory} "
+        f"(~{need / 1024**3:.2f} GiB)")
+    with atomic_directory(save_directory) as tmp:
+        with torch.no_grad():
+            write_sharded(iter_merged_tensors(model, dtype), tmp, shard)
+        _merged_config(model, dtype).save_pretrained(tmp)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        gen = getattr(base, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(save_directory)
+
+
+def save_lora(model, save_directory, tokenizer=None) -> Path:
+    """Write the PEFT adapter (adapter_config.json + adapter_model.safetensors) and tokenizer, atomically."""
+    if not hasattr(model, "peft_config"):
+        raise VelotuneError("save_method='lora' needs a model with LoRA adapters (from FastLanguageModel.get_peft_model)")
+    with atomic_directory(save_directory) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(save_directory)
+
+
+def save_pretrained_merged(self, save_directory, tokenizer=None, save_method="merged_16bit",
+                           max_shard_size="5GB", dtype=None, push_to_hub=False, **kwargs):
+    """Save the trained model for deployment.
+
+    Args:
+        save_directory: folder to write (created; an existing one receives the new files atomically).
+        tokenizer: saved alongside when given (defaults to the tokenizer velotune loaded).
+        save_method: "merged_16bit" (LoRA merged into the fp32-dequantised base, rounded once to
+            16-bit, sharded safetensors loadable by plain transformers) or "lora" (the PEFT adapter).
+        max_shard_size: shard size for merged weights, e.g. "5GB".
+        dtype: save dtype for merged weights; default the model's 16-bit compute dtype, else bfloat16.
+    Returns the folder path.
+    """
+    if kwargs:
+        raise TypeError(f"save_pretrained_merged() got unexpected argument(s) {sorted(kwargs)}")
+    if push_to_hub:
+        raise VelotuneError("velotune saves locally; upload the folder with huggingface_hub.upload_folder(...)")
+    if save_method not in SAVE_METHODS:
+        raise VelotuneError(f"save_method={save_method!r} is not one of {list(SAVE_METHODS)}")
+    if tokenizer is None:
+        from ..loading import state_of
+
+        try:
+            tokenizer = state_of(self).tokenizer
+        except VelotuneError:
+            tokenizer = None
+    if save_method == "lora":
+        return save_lora(self, save_directory, tokenizer)
+    if save_method == "merged_4bit":
+        raise VelotuneError(
+            "save_method='merged_4bit' is not supported: re-quantising a merged model loses the LoRA update's "
+            "precision. Save 'merged_16bit' and load that with load_in_4bit=True"
+        )
+    return save_merged_16bit(self, save_directory, tokenizer, max_shard_size, dtype)

@@ -1,0 +1,143 @@
+"""``SFTTrainer`` that accepts both the seed's (older TRL) call and TRL's current one.
+
+The seed passes ``dataset_text_field``, ``max_seq_length``, ``packing`` ... to the trainer and a plain
+``transformers.TrainingArguments`` as ``args``; TRL >= 0.20 moved those keywords into ``SFTConfig``
+(``max_seq_length`` became ``max_length``) and renamed ``tokenizer`` to ``processing_class``.
+velotune maps the old form onto the new one, so both run unchanged. Everything else is TRL's.
+
+Loss normalisation: TRL + transformers count the label tokens of the whole accumulated batch
+(``num_items_in_batch``) and each micro-batch's loss is ``sum(token losses) / num_items_in_batch``,
+so gradient accumulation equals the big batch exactly (tests/test_training.py checks it).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import trl
+from transformers import TrainingArguments
+
+from .._notices import VelotuneError, say_once
+
+# Old-TRL trainer keywords -> SFTConfig field.
+_LEGACY_KEYS = {
+    "dataset_text_field": "dataset_text_field",
+    "max_seq_length": "max_length",
+    "packing": "packing",
+    "dataset_num_proc": "dataset_num_proc",
+    "dataset_kwargs": "dataset_kwargs",
+    "eval_packing": "eval_packing",
+    "neftune_noise_alpha": "neftune_noise_alpha",
+    "model_init_kwargs": "model_init_kwargs",
+}
+
+
+def _velotune_state(model):
+    from ..loading import state_of
+
+    try:
+        return state_of(model)
+    except (VelotuneError, AttributeError):
+        return None
+
+
+def to_sft_config(args, legacy: dict, model=None) -> trl.SFTConfig:
+    """Build the ``SFTConfig`` TRL needs from ``args`` (None, TrainingArguments or SFTConfig) + legacy kwargs."""
+    if args is None:
+        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        args = trl.SFTConfig(output_dir="outputs", bf16=bf16, fp16=torch.cuda.is_available() and not bf16,
+                             report_to="none")
+    elif not isinstance(args, TrainingArguments):
+        raise VelotuneError(f"args must be a transformers.TrainingArguments or trl.SFTConfig, got {type(args).__name__}")
+    elif not isinstance(args, trl.SFTConfig):
+        fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArguments)
+                  if f.init and hasattr(args, f.name)}
+        args = trl.SFTConfig(**fields)
+    else:
+        args = dataclasses.replace(args)
+    for old, new in _LEGACY_KEYS.items():
+        if old not in legacy or legacy[old] is None:
+            continue
+        value = legacy[old]
+        current = getattr(args, new)
+        default = next(f.default for f in dataclasses.fields(trl.SFTConfig) if f.name == new)
+        if current != default and current != value:
+            raise VelotuneError(
+                f"{old}={value!r} given to SFTTrainer conflicts with args.{new}={current!r}; set it in one place"
+            )
+        setattr(args, new, value)
+    st = _velotune_state(model) if model is not None else None
+    if st is not None and "max_seq_length" not in legacy and args.max_length == 1024:
+        args.max_length = st.max_seq_length  # TRL's default 1024 -> the max_seq_length the model was loaded with
+    return args
+
+
+def _cpu_mixed_precision(args) -> None:
+    """fp16 autocast has no fast CPU kernels; the seed's ``fp16=not is_bf16_supported()`` means "GPU"."""
+    if torch.cuda.is_available() or not args.fp16:
+        return
+    say_once("cpu-fp16", "fp16=True on a machine without a CUDA GPU: training in the model's own dtype "
+             "(float32 on CPU) instead of fp16 mixed precision")
+    args.fp16 = False
+
+
+class SFTTrainer(trl.SFTTrainer):
+    """TRL's ``SFTTrainer``, accepting the seed's keywords too.
+
+    Accepts everything ``trl.SFTTrainer`` does, plus: ``tokenizer=`` (alias of ``processing_class``),
+    ``dataset_text_field``, ``max_seq_length``, ``packing``, ``dataset_num_proc``, ``dataset_kwargs``,
+    ``eval_packing``, ``neftune_noise_alpha``, ``model_init_kwargs``, and ``args`` as a plain
+    ``TrainingArguments``. Without a tokenizer, the one ``FastLanguageModel.from_pretrained`` loaded
+    is used; without ``max_seq_length``, the one the model was loaded with.
+    """
+
+    def __init__(self, model=None, args=None, data_collator=None, train_dataset=None, eval_dataset=None,
+                 processing_class=None, tokenizer=None, **kwargs):
+        legacy = {k: kwargs.pop(k) for k in list(kwargs) if k in _LEGACY_KEYS}
+        if tokenizer is not None and processing_class is not None and tokenizer is not processing_class:
+            raise VelotuneError("pass the tokenizer once: tokenizer= and processing_class= name different objects")
+        processing_class = processing_class if processing_class is not None else tokenizer
+        st = _velotune_state(model) if model is not None and not isinstance(model, str) else None
+        if processing_class is None and st is not None:
+            processing_class = st.tokenizer
+        args = to_sft_config(args, legacy, model)
+        _cpu_mixed_precision(args)
+        if st is not None:
+            # velotune set gradient checkpointing on the model (get_peft_model's use_gradient_checkpointing);
+            # the Trainer must not re-enable it with other settings.
+            args.gradient_checkpointing = False
+        if train_dataset is not None and hasattr(train_dataset, "__len__") and len(train_dataset) == 0:
+            raise VelotuneError("train_dataset is empty; check the file / split / filter that produced it")
+        text_field = args.dataset_text_field
+        cols = getattr(train_dataset, "column_names", None)
+        if cols is not None and kwargs.get("formatting_func") is None and text_field not in cols \
+                and not {"messages", "prompt", "completion", "input_ids"} & set(cols):
+            raise VelotuneError(
+                f"train_dataset has no {text_field!r} column (columns: {cols}); format it first (e.g. "
+                "dataset.map(get_alpaca_formatter(tokenizer), batched=True)) or pass dataset_text_field="
+            )
+        super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
+        # Our compute_loss divides by num_items_in_batch itself: the Trainer must not also divide by the
+        # number of accumulation steps.
+        self.model_accepts_loss_kwargs = True
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Loss = sum of label-token losses / label tokens in the whole accumulated batch.
+
+        The model computes it from ``labels`` and ``num_items_in_batch`` (HF's causal-LM loss: fp32
+        logits, shifted labels, ignore_index -100). A batch whose labels are all masked counts as one
+        item, so its loss is 0 instead of 0/0. TRL's own fused LM-head path is not used: it needs a
+        CUDA Triton driver and would bypass velotune's fast forward.
+        """
+        inputs = {**inputs, "use_cache": False}
+        if num_items_in_batch is not None:
+            inputs["num_items_in_batch"] = torch.clamp(torch.as_tensor(num_items_in_batch), min=1)
+        if "labels" not in inputs and "shift_labels" not in inputs:
+            raise VelotuneError("the batch has no labels; use a causal-LM collator (SFTTrainer's default does this)")
+        outputs = model(**inputs)
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None and model.training:
+            # num_items_in_batch counts every rank's tokens; DDP averages gradients across ranks.
+            loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
