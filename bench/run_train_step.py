@@ -1,0 +1,131 @@
+"""Run the QLoRA training-step benchmark for several peers and shapes, one card, one command.
+
+Builds a random-init Llama checkpoint per shape (seeded, shared by every peer), runs each peer in its
+own process (bench/train_step.py), and writes one JSON row per (shape, peer) with the card, shapes,
+dtype and versions. Rows go to ``--results`` (JSON lines, appended); ``bench/report.py`` turns the
+results file into BENCHMARKS.md.
+
+    python bench/run_train_step.py --shapes 1b 8b --peers velotune hf unsloth liger --results $OUT/rows.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+# Llama-3.2-1B and Llama-3.1-8B shapes (config.json of the public releases).
+SHAPES = {
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, head_dim=64, tie_word_embeddings=True),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
+}
+LLAMA3 = dict(vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5, bos_token_id=128000,
+              eos_token_id=128001, rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                    "original_max_position_embeddings": 8192})
+
+
+def make_tokenizer(vocab_size: int):
+    """A word-level tokenizer with exactly ``vocab_size`` ids and Llama-3's special-token ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    special = {128000: "<|begin_of_text|>", 128001: "<|end_of_text|>", 128004: "<|finetune_right_pad_id|>"}
+    vocab = {special.get(i, f"t{i}"): i for i in range(vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=special[128000], eos_token=special[128001],
+                                   pad_token=special[128004], unk_token="t0")
+
+
+def make_checkpoint(shape: str, folder: Path) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    if (folder / "config.json").is_file():
+        return folder
+    cfg = LlamaConfig(**SHAPES[shape], **LLAMA3)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    make_tokenizer(cfg.vocab_size).save_pretrained(folder)
+    del model
+    torch.cuda.empty_cache()
+    return folder
+
+
+def versions() -> dict:
+    out = {}
+    for name in ("torch", "triton", "transformers", "peft", "bitsandbytes", "trl", "unsloth", "liger-kernel", "accelerate"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    try:
+        out["velotune_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
+                                                text=True, check=False).stdout.strip() or None
+    except OSError:
+        out["velotune_commit"] = None
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--shapes", nargs="+", default=["1b", "8b"], choices=sorted(SHAPES))
+    p.add_argument("--peers", nargs="+", default=["velotune", "hf", "unsloth", "liger"])
+    p.add_argument("--results", required=True, help="JSON-lines file to append rows to")
+    p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "velotune-bench"))
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--profile-dir", default=None, help="write velotune's per-op profile of one step here")
+    p.add_argument("--timeout", type=int, default=900)
+    args = p.parse_args()
+    import torch
+
+    card = torch.cuda.get_device_name(0)
+    run_id = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    vers = versions()
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    for shape in args.shapes:
+        t = time.perf_counter()
+        ckpt = make_checkpoint(shape, work / f"llama-{shape}")
+        print(f"[bench] checkpoint {shape} ready in {time.perf_counter() - t:.0f} s", flush=True)
+        for peer in args.peers:
+            out = work / f"{shape}-{peer}.json"
+            cmd = [sys.executable, str(HERE / "train_step.py"), "--peer", peer, "--ckpt", str(ckpt),
+                   "--json", str(out), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+            if args.profile_dir and peer == "velotune":
+                cmd.append("--profile")
+            t = time.perf_counter()
+            try:
+                subprocess.run(cmd, timeout=args.timeout, check=False)
+                row = json.loads(out.read_text())
+            except (subprocess.TimeoutExpired, OSError, ValueError) as e:
+                row = {"peer": peer, "error": f"{type(e).__name__}: {e}"}
+            prof = row.pop("profile", None)
+            if prof and args.profile_dir:
+                Path(args.profile_dir).mkdir(parents=True, exist_ok=True)
+                (Path(args.profile_dir) / f"profile-{shape}-{peer}.txt").write_text(prof)
+            row.update(run_id=run_id, bench="qlora_train_step", shape=f"llama-{shape}", card=card, dtype="bf16",
+                       batch=2, seq=2048, lora="r16 a16, 7 targets", gc=True, optimizer="adamw_8bit",
+                       wall_s=round(time.perf_counter() - t, 1), versions=vers)
+            with open(args.results, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"[bench] {shape} {peer}: " + json.dumps({k: row.get(k) for k in
+                  ("tokens_per_s", "peak_alloc_gib", "losses", "error")}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""One QLoRA training step, timed, for one peer: velotune | hf | unsloth | liger.
+
+Same step for every peer (issue #3): random-init Llama checkpoint of a real shape, NF4 + double
+quantisation, bf16 compute, LoRA r16 alpha16 on all 7 projections, gradient checkpointing on,
+batch 2 x 2048 random tokens (labels = inputs), bitsandbytes AdamW8bit lr 2e-4, bf16 autocast;
+``--warmup`` untimed steps then ``--steps`` timed ones (CUDA-synchronised wall time per step).
+Prints one JSON row (median step seconds, tokens/s, peak max_memory_allocated, first losses).
+Run each peer in its own process (Unsloth patches transformers at import): bench/run_train_step.py.
+
+    python bench/train_step.py --peer hf --ckpt /tmp/llama-1b --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def load_peer(peer: str, ckpt: str, seq: int):
+    import torch
+
+    if peer == "unsloth":
+        import unsloth  # noqa: F401  (must come first: it patches transformers)
+        from unsloth import FastLanguageModel
+
+        model, _ = FastLanguageModel.from_pretrained(ckpt, max_seq_length=seq, dtype=torch.bfloat16, load_in_4bit=True)
+        model = FastLanguageModel.get_peft_model(model, r=16, target_modules=TARGETS, lora_alpha=16, lora_dropout=0,
+                                                 bias="none", use_gradient_checkpointing="unsloth", random_state=3407)
+        return model
+    if peer == "velotune":
+        from velotune import FastLanguageModel
+
+        model, _ = FastLanguageModel.from_pretrained(ckpt, max_seq_length=seq, dtype=torch.bfloat16, load_in_4bit=True)
+        return FastLanguageModel.get_peft_model(model, r=16, target_modules=TARGETS, lora_alpha=16, lora_dropout=0,
+                                                bias="none", use_gradient_checkpointing=True, random_state=3407)
+    if peer == "liger":
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama()
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(ckpt, quantization_config=q, dtype=torch.bfloat16,
+                                                 attn_implementation="sdpa", device_map={"": 0})
+    # The standard HF QLoRA recipe (what users of transformers + PEFT + bitsandbytes run).
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(3407)
+    cfg = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, bias="none", target_modules=TARGETS, task_type="CAUSAL_LM")
+    return get_peft_model(model, cfg)
+
+
+def run(args) -> dict:
+    import bitsandbytes as bnb
+    import torch
+
+    torch.cuda.set_device(0)
+    t_load = time.perf_counter()
+    model = load_peer(args.peer, args.ckpt, args.seq)
+    load_s = time.perf_counter() - t_load
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = bnb.optim.AdamW8bit(params, lr=2e-4, weight_decay=0.0)
+    vocab = model.config.vocab_size
+    g = torch.Generator(device="cuda").manual_seed(1234)
+    batches = [torch.randint(0, vocab, (args.bs, args.seq), device="cuda", generator=g)
+               for _ in range(args.warmup + args.steps)]
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    prof_table = None
+    for i, ids in enumerate(batches):
+        profile = args.profile and i == args.warmup
+        if profile:
+            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                      torch.profiler.ProfilerActivity.CUDA])
+            prof.__enter__()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        if profile:
+            prof.__exit__(None, None, None)
+            prof_table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60)
+        losses.append(float(loss))
+        if i >= args.warmup:
+            times.append(dt)
+    med = statistics.median(times)
+    return {
+        "peer": args.peer, "median_step_s": round(med, 4), "tokens_per_s": round(args.bs * args.seq / med, 1),
+        "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3), "losses": [round(x, 5) for x in losses[:5]],
+        "step_times_s": [round(t, 4) for t in times], "load_s": round(load_s, 1), "profile": prof_table,
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--peer", required=True, choices=["velotune", "hf", "unsloth", "liger"])
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--bs", type=int, default=2)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--profile", action="store_true")
+    p.add_argument("--json", required=True)
+    args = p.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        row = run(args)
+    except Exception as e:  # a peer that fails is a result too; the driver records it
+        row = {"peer": args.peer, "error": f"{type(e).__name__}: {e}"[:2000]}
+        import traceback
+
+        traceback.print_exc()
+    with open(args.json, "w") as f:
+        json.dump(row, f)
+    print(json.dumps({k: v for k, v in row.items() if k != "profile"}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
