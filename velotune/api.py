@@ -6,6 +6,7 @@ import types
 import torch
 
 from . import adapters, loading
+from .models import install as install_fast_forward
 from ._notices import VelotuneError, say, say_once
 
 # Arguments the incumbent's from_pretrained accepts that do nothing here; accepted so scripts run.
@@ -108,6 +109,7 @@ class FastLanguageModel:
             trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
         )
         loading.disable_cpu_bf16_repack(model)
+        install_fast_forward(model)
         tok_sources = ([src.adapter_dir] if src.kind == "adapter" else []) + [base_name]
         tokenizer = _load_tokenizer(tok_sources, token, revision, trust_remote_code)
         if fix_tokenizer:

@@ -1,0 +1,313 @@
+"""velotune's own decoder forward over the HF module tree, for training.
+
+Per layer (FamilySpec flags for the family differences):
+
+    h = rms_norm(x)                       kernels/rms_norm.py
+    q, k, v = fused LoRA qkv(h)           kernels/lora.py (+ kernels/nf4.py for 4-bit bases)
+    [q, k = per-head rms_norm]            Qwen3
+    q, k = rope(q, k) in place            kernels/rope.py, positions from position_ids
+    a = SDPA(q, k, v, causal)             torch (flash / efficient backends on GPU)
+    x = x + fused LoRA o(a)
+    x = x + fused LoRA mlp(rms_norm(x))   gate/up -> act -> down in one autograd node
+    loss = linear cross-entropy(norm(x), lm_head, labels)   kernels/cross_entropy.py, no [T, V] logits
+
+Installed per model instance by :func:`install` (the CausalLM's ``forward`` attribute; no source
+rewriting). It runs when the call is a training-style call: no KV cache, no past, ``input_ids`` given.
+Everything else (generation, ``output_attentions``, ...) goes to the original HF forward, unchanged.
+A projection the fused functions cannot take (LoRA dropout > 0, bias="all"/"lora_only" on a
+quantised layer, DoRA, several adapters, 8-bit weights, trainable base weights) is called as its
+own module: same math, unfused. Unknown families keep the HF backbone and get the fused loss only.
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .._notices import say_once
+from ..kernels.cross_entropy import linear_cross_entropy
+from ..kernels.lora import lora_linear, lora_mlp, lora_qkv
+from ..kernels.rms_norm import rms_norm
+from ..kernels.rope import rope, rope_cos_sin
+from .registry import FamilySpec, activation_of, family_of
+
+_STATIC_ROPE = {"default", "linear", "llama3", "yarn", "longrope"}
+
+
+# ----------------------------------------------------------------------------------- projections
+def _nf4(base):
+    """NF4Weight view of a bnb Linear4bit, cached on the module (rebuilt if the storage moved)."""
+    from ..quant.nf4 import NF4Weight
+
+    w = base.weight
+    key = (w.data_ptr(), w.device)
+    cached = getattr(base, "_velotune_nf4", None)
+    if cached is None or cached[0] != key:
+        cached = (key, NF4Weight.from_bnb(base))
+        base._velotune_nf4 = cached
+    return cached[1]
+
+
+def _frozen_base(lin):
+    """The frozen weight of a plain or 4-bit linear layer as a fused-function base, or None."""
+    w = getattr(lin, "weight", None)
+    if w is None or w.requires_grad:
+        return None
+    if type(w).__name__ == "Params4bit":
+        return _nf4(lin)
+    if type(w).__name__ == "Int8Params" or not w.is_floating_point():
+        return None
+    return w
+
+
+def projection(mod):
+    """(base, A, B, scaling, bias) for a fusable projection module, else None (call the module)."""
+    if hasattr(mod, "base_layer") and hasattr(mod, "lora_A"):
+        if getattr(mod, "merged", False) or getattr(mod, "disable_adapters", False):
+            return None
+        active = [a for a in mod.active_adapters if a in mod.lora_A]
+        if len(active) != 1 or any(getattr(mod, "use_dora", {}).get(a, False) for a in active):
+            return None
+        a = active[0]
+        if not isinstance(mod.lora_dropout[a], torch.nn.Identity) or getattr(mod, "lora_bias", {}).get(a, False):
+            return None
+        base = _frozen_base(mod.base_layer)
+        bias = getattr(mod.base_layer, "bias", None)
+        if base is None or (bias is not None and bias.requires_grad):
+            return None
+        return base, mod.lora_A[a].weight, mod.lora_B[a].weight, float(mod.scaling[a]), bias
+    if type(mod).__name__ in ("Linear", "Linear4bit") and hasattr(mod, "weight"):
+        base = _frozen_base(mod)
+        bias = getattr(mod, "bias", None)
+        if base is None or (bias is not None and bias.requires_grad):
+            return None
+        return base, None, None, 0.0, bias
+    return None
+
+
+def _apply(mod, proj, x):
+    if proj is None:
+        return mod(x)
+    base, a, b, s, bias = proj
+    return lora_linear(x, base, a, b, s, bias)
+
+
+# ------------------------------------------------------------------------------------- the layer
+class _Plan:
+    """Per-call constants shared by every layer (owned by one forward call)."""
+
+    def __init__(self, spec, config, cos, sin, position_ids, mask, causal, activation):
+        self.spec, self.config = spec, config
+        self.cos, self.sin, self.position_ids = cos, sin, position_ids
+        self.mask, self.causal, self.activation = mask, causal, activation
+        self.eps = config.rms_norm_eps
+
+
+def _norm(x, module, plan):
+    return rms_norm(x, module.weight, plan.eps, plan.spec.norm_offset, plan.spec.norm_cast_before_weight)
+
+
+def _attention(layer, h, plan, mask):
+    attn = layer.self_attn
+    bsz, t = h.shape[:2]
+    head_dim = attn.head_dim
+    projs = [projection(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    if all(p is not None for p in projs) and all(p[4] is None for p in projs):
+        q, k, v = lora_qkv(h, *[p[:4] for p in projs])
+    else:
+        q, k, v = (_apply(m, p, h) for m, p in zip((attn.q_proj, attn.k_proj, attn.v_proj), projs))
+    q = q.view(bsz, t, -1, head_dim)
+    k = k.view(bsz, t, -1, head_dim)
+    if plan.spec.qk_norm:
+        q, k = _norm(q, attn.q_norm, plan), _norm(k, attn.k_norm, plan)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    v = v.view(bsz, t, -1, head_dim).transpose(1, 2)
+    q, k = rope(q, k, plan.cos, plan.sin, plan.position_ids, layout="bhtd")
+    dropout = float(getattr(attn, "attention_dropout", 0.0) or 0.0) if layer.training else 0.0
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and plan.causal,
+                                         dropout_p=dropout, scale=attn.scaling, enable_gqa=q.shape[1] != k.shape[1])
+    out = out.transpose(1, 2).reshape(bsz, t, -1)
+    return _apply(attn.o_proj, projection(attn.o_proj), out)
+
+
+def _mlp(layer, h, plan):
+    mlp = layer.mlp
+    projs = [projection(getattr(mlp, n, None)) if hasattr(mlp, n) else None for n in ("gate_proj", "up_proj", "down_proj")]
+    if plan.activation is not None and all(p is not None and p[4] is None for p in projs):
+        return lora_mlp(h, *[p[:4] for p in projs], activation=plan.activation)
+    return mlp(h)
+
+
+def _layer(layer, x, plan, mask):
+    h = _norm(x, layer.input_layernorm, plan)
+    x = x + _attention(layer, h, plan, mask)
+    h = _norm(x, layer.post_attention_layernorm, plan)
+    return x + _mlp(layer, h, plan)
+
+
+# ----------------------------------------------------------------------------------------- masks
+def _layer_window(layer, config, spec: FamilySpec):
+    attn = layer.self_attn
+    if hasattr(attn, "sliding_window"):
+        return attn.sliding_window
+    return getattr(config, spec.sliding_window_attr, None) if spec.sliding_window_attr else None
+
+
+def _base_mask(attention_mask, t: int, device, training: bool):
+    """None when plain causal attention is exact (no padding, or right padding while training);
+    else a [B, 1, T, T] bool mask (True = may attend)."""
+    if attention_mask is None:
+        return None
+    am = attention_mask.bool()
+    if bool(am.all()):
+        return None
+    # Right padding in training: every query at a real position sees only earlier (real) keys under
+    # causal masking, and padded positions carry no label, so causal attention is exact for the loss.
+    # In eval the logits at padded positions are returned too, so they get HF's mask.
+    if training and bool((am.int().diff(dim=1) <= 0).all()):
+        return None
+    causal = torch.ones(t, t, dtype=torch.bool, device=device).tril()
+    return (causal[None] & am[:, None, :])[:, None]
+
+
+def _window_mask(base, window: int, t: int, device):
+    i = torch.arange(t, device=device)
+    band = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
+    return band[None, None] if base is None else (base & band)
+
+
+# ------------------------------------------------------------------------------------------ rope
+def _rope_tables(model, config, n_pos: int, device):
+    """cos/sin fp32 tables for positions < n_pos, cached on the model per (device, n_pos bucket)."""
+    params = getattr(config, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", "default")
+    if rope_type not in _STATIC_ROPE:
+        return rope_cos_sin(config, n_pos, device=device, seq_len=n_pos)
+    rows = max(1 << (n_pos - 1).bit_length(), 256)  # power-of-two buckets: few rebuilds
+    cache = model.__dict__.setdefault("_velotune_rope", {})
+    key = (str(device), rows)
+    if key not in cache:
+        cache.clear()
+        cache[key] = rope_cos_sin(config, rows, device=device)
+    return cache[key]
+
+
+# --------------------------------------------------------------------------------------- forward
+def _lm_head_weight(model):
+    head = model.get_output_embeddings()
+    if hasattr(head, "modules_to_save") and hasattr(head, "active_adapters"):
+        head = head.modules_to_save[head.active_adapters[0]]
+    if hasattr(head, "base_layer") or getattr(head, "bias", None) is not None:
+        return None
+    return head.weight
+
+
+def _loss_or_logits(model, hidden, labels, shift_labels, num_items_in_batch, logits_to_keep, softcap):
+    weight = _lm_head_weight(model)
+    if labels is None and shift_labels is None:
+        sl = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = model.lm_head(hidden[:, sl])
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return None, logits
+    if shift_labels is None:
+        shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100)
+    shift_labels = shift_labels.to(hidden.device)
+    if weight is None:  # a LoRA'd or biased head: plain logits, HF-style loss
+        logits = model.lm_head(hidden)
+        flat = logits.float().reshape(-1, logits.shape[-1])
+        loss = F.cross_entropy(flat, shift_labels.reshape(-1), ignore_index=-100, reduction="sum")
+        denom = num_items_in_batch if num_items_in_batch is not None else (shift_labels != -100).sum().clamp(min=1)
+        return loss / denom, logits
+    if model.training:
+        return linear_cross_entropy(hidden, weight, shift_labels, softcap=softcap,
+                                    num_items_in_batch=num_items_in_batch), None
+    return linear_cross_entropy(hidden, weight, shift_labels, softcap=softcap,
+                                num_items_in_batch=num_items_in_batch, return_logits=True)
+
+
+def _fast_call(model, kwargs) -> bool:
+    state = model.__dict__.get("_velotune_fast")
+    if state is None or not state["enabled"]:
+        return False
+    if kwargs.get("past_key_values") is not None or kwargs.get("use_cache"):
+        return False
+    if kwargs.get("input_ids") is None or kwargs.get("inputs_embeds") is not None:
+        return False
+    return not (kwargs.get("output_attentions") or kwargs.get("output_hidden_states"))
+
+
+def fast_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, num_items_in_batch=None,
+                 shift_labels=None, **kwargs):
+    """Training forward of a causal LM (bound to the model by :func:`install`); HF's otherwise."""
+    call = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+    state = self.__dict__["_velotune_fast"]
+    if not _fast_call(self, call):
+        extra = {k: v for k, v in (("labels", labels), ("num_items_in_batch", num_items_in_batch),
+                                   ("shift_labels", shift_labels)) if v is not None}
+        return state["original"](**call, **extra, logits_to_keep=logits_to_keep)
+    config = self.config
+    spec = state["spec"]
+    softcap = getattr(config, "final_logit_softcapping", None)
+    if spec is None:  # unknown family: HF backbone, fused loss
+        out = self.model(**{k: v for k, v in call.items() if k != "use_cache"}, use_cache=False)
+        hidden = out.last_hidden_state
+    else:
+        hidden = _backbone(self, spec, input_ids, attention_mask, position_ids)
+    loss, logits = _loss_or_logits(self, hidden, labels, shift_labels, num_items_in_batch, logits_to_keep, softcap)
+    return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
+def _backbone(self, spec, input_ids, attention_mask, position_ids):
+    backbone = self.model
+    config = self.config
+    x = backbone.embed_tokens(input_ids)
+    bsz, t = input_ids.shape
+    if position_ids is None:
+        position_ids = torch.arange(t, device=x.device).unsqueeze(0)
+    n_pos = int(position_ids.max()) + 1
+    cos, sin = _rope_tables(self, config, n_pos, x.device)
+    base_mask = _base_mask(attention_mask, t, x.device, self.training)
+    plan = _Plan(spec, config, cos, sin, position_ids, base_mask, True, activation_of(config, spec))
+    gc = getattr(backbone, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled()
+    for layer in backbone.layers[: config.num_hidden_layers]:
+        window = _layer_window(layer, config, spec)
+        mask = _window_mask(base_mask, window, t, x.device) if window and t > window else base_mask
+        if gc:
+            x = checkpoint(_layer, layer, x, plan, mask, use_reentrant=False)
+        else:
+            x = _layer(layer, x, plan, mask)
+    return _norm(x, backbone.norm, plan)
+
+
+def install(model) -> bool:
+    """Give a velotune-loaded CausalLM the fast forward. Returns True for a known family.
+
+    Idempotent. The original forward is kept for generation and for anything the fast path skips.
+    """
+    if "_velotune_fast" in model.__dict__:
+        return model.__dict__["_velotune_fast"]["spec"] is not None
+    spec = family_of(model.config)
+    if spec is not None and not hasattr(model, "model"):
+        spec = None
+    if spec is None:
+        say_once(f"fast-family-{model.config.model_type}",
+                 f"model_type={model.config.model_type!r} has no velotune fast forward yet: using the HF forward "
+                 "with velotune's fused cross-entropy loss")
+    model.__dict__["_velotune_fast"] = {"enabled": True, "spec": spec, "original": model.forward}
+    model.forward = types.MethodType(fast_forward, model)
+    return spec is not None
+
+
+def set_fast_forward(model, enabled: bool) -> None:
+    """Turn the fast forward on or off for a model (PEFT-wrapped or not); off = HF's forward exactly."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    state = base.__dict__.get("_velotune_fast")
+    if state is None:
+        raise ValueError("this model has no velotune fast forward installed (load it with FastLanguageModel)")
+    state["enabled"] = bool(enabled)
