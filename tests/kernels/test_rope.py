@@ -200,3 +200,15 @@ def test_public_dispatch_and_errors():
                          ids=["llama8b", "partial"])
 def test_gpu_matches_truth(case, layout, dtype):
     test_kernel_matches_truth(case, layout, dtype, device="cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_tables_ignore_autocast(dtype):
+    """Tables built inside a training step (bf16 autocast on) must equal fp32 ones: HF's rotary module
+    disables autocast; rounding position x frequency to 8 bits moved angles by radians at 2048."""
+    cfg = _config(64, None, max_pos=4096)
+    want = rope_cos_sin(cfg, 2048)
+    with torch.autocast("cpu", dtype=dtype):
+        got = rope_cos_sin(cfg, 2048)
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)

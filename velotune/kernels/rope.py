@@ -84,9 +84,12 @@ def rope_cos_sin(
         )
     positions = torch.arange(max_positions, device=device, dtype=torch.int64).float()
     # HF's expression: a k=1 matmul (one fp32 rounding per element), duplicated halves, then scaling.
-    freqs = (inv_freq.float().to(positions.device)[None, :, None] @ positions[None, None, :]).transpose(1, 2)[0]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return (emb.cos() * attention_scaling).to(dtype), (emb.sin() * attention_scaling).to(dtype)
+    # Autocast off, as in HF's rotary module: under bf16 autocast the matmul would round
+    # position x frequency to 8 bits (angle errors of several radians at position 2048).
+    with torch.autocast(positions.device.type, enabled=False):
+        freqs = (inv_freq.float().to(positions.device)[None, :, None] @ positions[None, None, :]).transpose(1, 2)[0]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * attention_scaling).to(dtype), (emb.sin() * attention_scaling).to(dtype)
 
 
 def _default_inv_freq(config, params: dict, device) -> torch.Tensor:
