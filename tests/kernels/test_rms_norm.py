@@ -72,9 +72,13 @@ def test_frozen_weight_gets_no_grad_and_strided_input(monkeypatch):
     buffer) must be read through its stride, not as if contiguous."""
     import velotune.kernels.rms_norm as mod
 
-    seen = []
-    bwd = mod._rms_norm_bwd
-    monkeypatch.setattr(mod, "_rms_norm_bwd", lambda *a, compute_dw: seen.append(compute_dw) or bwd(*a, compute_dw=compute_dw))
+    seen, bwd = [], mod._rms_norm_bwd
+
+    def spy(*args, compute_dw):
+        seen.append(compute_dw)
+        return bwd(*args, compute_dw=compute_dw)
+
+    monkeypatch.setattr(mod, "_rms_norm_bwd", spy)
     wide = torch.randn(9, 200, dtype=torch.float32, requires_grad=True)
     w = torch.randn(96)
     dy = torch.randn(9, 96)
