@@ -28,6 +28,9 @@ from typing import Optional, Protocol, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from . import swiglu
+from ._utils import use_triton
+
 
 class FrozenWeight(Protocol):
     """A quantised frozen weight that can produce its ``[out, in]`` matrix (e.g. ``NF4Weight``)."""
@@ -362,9 +365,23 @@ _ACTIVATIONS = {
 }
 
 
+# lora.py's activation names -> kernels/swiglu.py's (HF ACT2FN names)
+_KERNEL_ACT = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh",
+               "gelu_pytorch_tanh": "gelu_pytorch_tanh"}
+
+
 def _glu_forward(g: torch.Tensor, u: torch.Tensor, activation: str) -> torch.Tensor:
-    """``act(g) * u`` with the same torch ops as HF's MLP, so the forward matches it bit for bit."""
+    """``act(g) * u`` with the same torch ops as HF's MLP (differentiable; bit for bit HF's)."""
     return _ACTIVATIONS[activation][0](g) * u
+
+
+def _glu_forward_nograd(g: torch.Tensor, u: torch.Tensor, activation: str) -> torch.Tensor:
+    """``act(g) * u`` inside the MLP Function (no autograd). CUDA: the fused SwiGLU/GeGLU kernel (fp32,
+    one rounding: one pass instead of two, within one ulp of HF's two-rounding result; the backward
+    kernel rebuilds h with the same formula). Elsewhere HF's ops."""
+    if use_triton(g):
+        return swiglu.glu_forward(g, u, _KERNEL_ACT[activation])
+    return _glu_forward(g, u, activation)
 
 
 # torch path of the GLU backward: row chunks keep its ~6 fp32 temporaries at <= 64 MiB each
@@ -375,10 +392,11 @@ _GLU_CHUNK_ELEMS = 1 << 24
 def _glu_backward_(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, activation: str):
     """In place: ``dh <- h = act(g) * u``, ``g <- dg = dh * u * act'(g)``, ``u <- du = dh * act(g)``.
 
-    SWAP POINT for the fused SwiGLU/GeGLU backward kernel (velotune/kernels/swiglu.py): same contract,
-    three contiguous [tokens, I] buffers in, the same three overwritten, returned as ``(h, dg, du)``.
-    This torch version computes in fp32 (fp64 for fp64 inputs), chunk by chunk of rows.
+    CUDA: the fused SwiGLU/GeGLU backward kernel (velotune/kernels/swiglu.py), one pass over the three
+    buffers. Elsewhere this torch version, in fp32 (fp64 for fp64 inputs), chunk by chunk of rows.
     """
+    if use_triton(g):
+        return swiglu.glu_backward_(dh, g, u, _KERNEL_ACT[activation])
     rows = max(1, _GLU_CHUNK_ELEMS // max(1, g.shape[-1]))
     for i in range(0, g.shape[0], rows):
         _glu_backward_chunk_(dh[i:i + rows], g[i:i + rows], u[i:i + rows], activation)
@@ -422,7 +440,7 @@ class LoRAMLPFunction(torch.autograd.Function):
         sl = _slices(ranks) if ranks else [None, None]
         g, u = [_linear(x2, _weight(b, dt), _cast(B, dt), xa_gu[:, s_] if s_ is not None else None, float(s))
                 for (b, _, B, s), s_ in zip((gate, up), sl)]
-        h = _glu_forward(g, u, activation)
+        h = _glu_forward_nograd(g, u, activation)
         base_d, A_d, B_d, s_d = down
         ha = h @ _cast(A_d, dt).t() if A_d is not None else None
         y = _linear(h, _weight(base_d, dt), _cast(B_d, dt), ha, float(s_d))
