@@ -23,11 +23,42 @@ def _attach_methods(model) -> None:
 
 
 def _save_pretrained_gguf(self, save_directory, tokenizer=None, quantization_method="fast_quantized", **kwargs):
-    """Export to GGUF (llama.cpp / Ollama) without llama.cpp; see ``velotune.export.gguf``."""
-    try:
-        from .export.gguf import save_model_gguf
-    except ImportError as e:
-        raise VelotuneError(f"GGUF export is not available in this build of velotune ({e})") from e
+    """Export to GGUF (llama.cpp / Ollama) without llama.cpp; returns the list of file paths.
+
+    LoRA is merged in fp32 onto the dequantised base (4-bit / 8-bit / 16-bit) and streamed into the
+    writer tensor by tensor; a plain or full-finetuned model is written as it is. One file per method,
+    ``save_directory/model.{METHOD}.gguf``, plus an Ollama ``Modelfile`` (chat template, stop tokens).
+
+    Args:
+        save_directory: output folder (created). Each file is written atomically.
+        tokenizer: default the tokenizer velotune loaded with the model.
+        quantization_method: a name or a list of names (one file each):
+            "f32" / "f16" / "bf16": not quantized (1-D tensors and norms stay f32 in every method).
+            "q8_0": almost indistinguishable from float16. High resource use.
+            "q6_k": Q6_K for all tensors.
+            "q5_k_m": Q6_K for half of attention.wv and feed_forward.w2, else Q5_K.
+            "q5_k_s": Q5_K for all tensors.
+            "q4_k_m": Q6_K for half of attention.wv and feed_forward.w2, else Q4_K.
+            "q4_k_s": Q5_K for the first attention.wv / feed_forward.w2 layers, else Q4_K.
+            "q3_k_l": Q5_K for attention.wv, attention.wo and feed_forward.w2, else Q3_K.
+            "q3_k_m": Q4_K for attention.wv, attention.wo and feed_forward.w2 (Q5_K for the first few), else Q3_K.
+            "q3_k_s": Q3_K for all tensors.
+            "q2_k": Q4_K (GQA >= 4, else Q3_K) for attention.wv, Q3_K for attention.wo and
+                feed_forward.w2, Q2_K for others.
+            "q4_0" / "q4_1" / "q5_0" / "q5_1": llama.cpp's legacy 32-value blocks.
+            Quantized methods but q8_0 put the output layer in Q6_K, as llama.cpp does; K-quant rows
+            not a multiple of 256 fall back to Q4_0 / Q5_0 / Q5_1 / Q8_0 by llama.cpp's rules.
+            Aliases: "fast_quantized" = q8_0, "quantized" = q4_k_m, "not_quantized" = f16,
+            "q3_k" / "q4_k" / "q5_k" = the "_m" methods.
+        **kwargs: ``stem`` (file name stem, "model"), ``device`` (where to quantize; CUDA when
+            available), ``round_to`` / ``first_conversion`` ("f16" or "bf16": round as llama.cpp's
+            two-step convert-then-quantize does, byte for byte), ``modelfile`` (True).
+
+    Bad method, architecture, tokenizer (a BPE pre-tokenizer llama.cpp does not know) or too little
+    free disk raise before any tensor is merged. See ``velotune.export.gguf``.
+    """
+    from .export.gguf import save_model_gguf
+
     return save_model_gguf(self, save_directory, tokenizer=tokenizer, quantization_method=quantization_method, **kwargs)
 
 

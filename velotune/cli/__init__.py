@@ -1,4 +1,4 @@
-"""Command line: ``velotune demo`` (the README's main job) and ``velotune env``."""
+"""Command line: ``velotune demo`` (the README's main job), ``velotune export`` and ``velotune env``."""
 from __future__ import annotations
 
 import argparse
@@ -35,11 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = argparse.ArgumentParser(prog="velotune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    from . import demo
+    from . import demo, export
 
     p = sub.add_parser("demo", help="fine-tune the real small model on the bundled data (the README's main job)")
     demo.add_arguments(p)
     p.set_defaults(func=demo.run)
+    p = sub.add_parser("export", help="adapter or model folder -> merged 16-bit safetensors, PEFT adapter, or GGUF",
+                       description=export.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    export.add_arguments(p)
     p = sub.add_parser("env", help="versions, GPU, and what velotune would pick")
     p.set_defaults(func=_env)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)

@@ -8,6 +8,7 @@ shard plus one weight, and the same stream feeds the GGUF writer.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -145,21 +146,49 @@ def iter_merged_tensors(model, dtype: torch.dtype) -> Iterator[tuple[str, torch.
                     yield emit(prefix + bname, buf)
 
 
-def estimate_merged_bytes(model, dtype: torch.dtype) -> int:
-    """Bytes the merged model takes in ``dtype`` (from shapes; nothing is dequantised)."""
+def merged_tensor_shapes(model) -> dict[str, tuple[int, ...]]:
+    """HF name -> shape of every tensor :func:`iter_merged_tensors` yields, in its order, from module
+    metadata alone (nothing is dequantised or merged: packed 4-bit / int8 weights report the
+    layer's [out_features, in_features]). Same walk, same names; tied weights once."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    total, seen = 0, set()
+    shapes: dict[str, tuple[int, ...]] = {}
+    done: list[str] = []
+    seen: set[int] = set()
+
+    def once(p) -> bool:
+        if id(p) in seen:
+            return False
+        seen.add(id(p))
+        return True
+
     for name, mod in base.named_modules():
-        if _is_lora_layer(mod) or _is_quantized_linear(mod):
-            lin = mod.base_layer if _is_lora_layer(mod) else mod
-            total += lin.in_features * lin.out_features * itemsize
+        if any(name.startswith(d + ".") for d in done):
             continue
-        for p in mod.parameters(recurse=False):
-            if id(p) not in seen and p.dtype not in (torch.uint8, torch.int8):
-                seen.add(id(p))
-                total += p.numel() * itemsize
-    return total
+        prefix = name + "." if name else ""
+        if _is_lora_layer(mod) or _is_quantized_linear(mod):
+            done.append(name)
+            lin = mod.base_layer if _is_lora_layer(mod) else mod
+            shape = (lin.out_features, lin.in_features) if _is_quantized_linear(lin) else tuple(lin.weight.shape)
+            shapes[prefix + "weight"] = shape
+            if getattr(lin, "bias", None) is not None:
+                shapes[prefix + "bias"] = tuple(lin.bias.shape)
+        elif _is_modules_to_save(mod):
+            done.append(name)
+            active = mod.active_adapters[0] if mod.active_adapters else None
+            src = mod.modules_to_save[active] if active in mod.modules_to_save else mod.original_module
+            shapes.update((prefix + n, tuple(p.shape)) for n, p in src.named_parameters() if once(p))
+        else:
+            shapes.update((prefix + n, tuple(p.shape)) for n, p in mod.named_parameters(recurse=False) if once(p))
+            skip = getattr(mod, "_non_persistent_buffers_set", set())
+            shapes.update((prefix + n, tuple(b.shape)) for n, b in mod.named_buffers(recurse=False)
+                          if b is not None and n not in skip)
+    return shapes
+
+
+def estimate_merged_bytes(model, dtype: torch.dtype) -> int:
+    """Bytes the merged model takes in ``dtype`` (from :func:`merged_tensor_shapes`; nothing is dequantised)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return sum(math.prod(s) for s in merged_tensor_shapes(model).values()) * itemsize
 
 
 # ------------------------------------------------------------------------------------- writing

@@ -15,8 +15,10 @@ Tensors may arrive in any order: the header is written first from the model's sh
 tensor's bytes land at its precomputed offset, so a merged model can be streamed tensor by tensor.
 Files are written under a temporary name in the destination folder and renamed when complete.
 
-Public: :func:`export_gguf` (what ``save_pretrained_gguf`` and ``velotune export`` call) and
-:func:`write_gguf`.
+Public: :func:`export_gguf` (a HF folder or a plain model; ``velotune export`` calls it),
+:func:`write_gguf` (one file from a tensor stream), and the two halves both entry points share:
+:func:`prepare_export` (every check, nothing written) and :func:`run_export` (the files).
+``model.save_pretrained_gguf`` (:mod:`.model`) streams a LoRA merge through the same two.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import gguf
 import numpy as np
@@ -408,14 +410,93 @@ def estimate_bytes(plan: _Plan, v: vocab_mod.Vocab) -> int:
     return plan.data_bytes + vocab_bytes + merges + _HEADER_SLACK
 
 
+def resolve_methods(quantization_method: str | Sequence[str]) -> list[mixes.Method]:
+    """One method or a list -> resolved methods, in order, duplicates (e.g. an alias and its target) once."""
+    methods = [quantization_method] if isinstance(quantization_method, str) else list(quantization_method)
+    if not methods:
+        raise ValueError("quantization_method is empty; pass a name such as 'q4_k_m'")
+    resolved: dict[str, mixes.Method] = {}
+    for m in methods:
+        r = mixes.resolve_method(m)
+        resolved.setdefault(r.name, r)
+    return list(resolved.values())
+
+
+@dataclass
+class ExportJob:
+    """A validated export (see :func:`prepare_export`): nothing has been written or quantized yet."""
+
+    config: object
+    tokenizer: object
+    shapes: dict[str, tuple[int, ...]]
+    methods: list[mixes.Method]
+    vocab: vocab_mod.Vocab
+    paths: list[Path]  # one per method, in order
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = path.expanduser().absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def prepare_export(config, tokenizer, shapes: dict[str, tuple[int, ...]], methods: list[mixes.Method],
+                   out_dir: str | os.PathLike, *, stem: str = "model", src_dir: Path | None = None) -> ExportJob:
+    """Every check an export needs, before any tensor is read, merged or quantized.
+
+    Architecture (and RoPE type), tokenizer (vocab built; an unknown pre-tokenizer raises), each
+    method's tensor plan against ``shapes`` (unmapped tensors, biases llama.cpp cannot load), and free
+    disk for all files. Creates nothing: ``out_dir`` is made by :func:`run_export`.
+    """
+    _arch_of(config)
+    if tokenizer is None:
+        raise ValueError("no tokenizer to export: pass tokenizer= (the HF tokenizer of this model)")
+    with tempfile.TemporaryDirectory() as tdir:
+        files = _tokenizer_files(tokenizer, config, Path(tdir), src_dir)
+        v = vocab_mod.build_vocab(tokenizer, config.vocab_size, files)
+    plans = [_Plan(config, m, shapes) for m in methods]
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is a file; pass a folder to write the GGUF file(s) into")
+    need = sum(estimate_bytes(p, v) for p in plans)
+    probe = _existing_ancestor(out)
+    free = shutil.disk_usage(probe).free
+    if need > free:
+        raise OSError(f"not enough free disk in {probe}: the {len(plans)} GGUF file(s) need about "
+                      f"{need / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free; free space or pick a smaller method")
+    return ExportJob(config, tokenizer, shapes, methods, v, [out / _out_name(stem, m.name) for m in methods])
+
+
+def run_export(job: ExportJob, tensors: Callable[[], Iterable[tuple[str, torch.Tensor]]], *,
+               device: str | torch.device | None = None, round_to: str | None = None,
+               modelfile: bool = True) -> list[Path]:
+    """Write the files of a :func:`prepare_export` job; ``tensors()`` gives a fresh stream per file.
+
+    device: where to quantize; default CUDA when available, else where each tensor is.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else None
+    if job.paths:
+        job.paths[0].parent.mkdir(parents=True, exist_ok=True)
+    for m, p in zip(job.methods, job.paths):
+        write_gguf(p, job.config, job.tokenizer, tensors(), m.name, device=device, round_to=round_to,
+                   tensor_shapes=job.shapes, vocab=job.vocab)
+    if modelfile:
+        from .modelfile import write_modelfile
+
+        write_modelfile(job.paths[0], job.tokenizer)
+    return list(job.paths)
+
+
 def export_gguf(hf_dir_or_model, out_dir: str | os.PathLike, quantization_method: str | Sequence[str] = "q4_k_m",
                 tokenizer=None, *, stem: str = "model", device: str | torch.device | None = None,
                 round_to: str | None = None, modelfile: bool = True) -> list[Path]:
     """Export a HF causal LM to one GGUF file per quantization method; returns the paths.
 
     hf_dir_or_model: a HF model folder (config.json + *.safetensors) or a transformers model with
-      16-bit/32-bit weights (merge LoRA adapters first). Architectures: llama, mistral, qwen2,
-      qwen3, gemma.
+      16-bit/32-bit weights (for a PEFT / 4-bit model use ``model.save_pretrained_gguf``, which
+      merges onto the dequantised base). Architectures: llama, mistral, qwen2, qwen3, gemma.
     quantization_method: one name or a list: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k,
       q3_k_s, q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k; aliases "not_quantized" (f16),
       "fast_quantized" (q8_0), "quantized" (q4_k_m).
@@ -426,10 +507,7 @@ def export_gguf(hf_dir_or_model, out_dir: str | os.PathLike, quantization_method
     Files: ``out_dir/{stem}.{METHOD}.gguf``, each written atomically. Everything is validated
     (methods, architecture, tokenizer, free disk) before the first tensor is quantized.
     """
-    methods = [quantization_method] if isinstance(quantization_method, str) else list(quantization_method)
-    if not methods:
-        raise ValueError("quantization_method is empty; pass a name such as 'q4_k_m'")
-    resolved = [mixes.resolve_method(m) for m in methods]
+    methods = resolve_methods(quantization_method)
     config, src_dir, tensors, shapes = _source(hf_dir_or_model)
     _arch_of(config)
     if tokenizer is None:
@@ -438,27 +516,5 @@ def export_gguf(hf_dir_or_model, out_dir: str | os.PathLike, quantization_method
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(src_dir)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else None
-    with tempfile.TemporaryDirectory() as tdir:
-        files = _tokenizer_files(tokenizer, config, Path(tdir), src_dir)
-        v = vocab_mod.build_vocab(tokenizer, config.vocab_size, files)
-    plans = [_Plan(config, m, shapes) for m in resolved]
-    need = sum(estimate_bytes(p, v) for p in plans)
-    free = shutil.disk_usage(out).free
-    if need > free:
-        raise OSError(f"not enough free disk in {out}: the {len(plans)} GGUF file(s) need about "
-                      f"{need / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free; free space or pick a smaller method")
-    paths = []
-    for m in resolved:
-        p = out / _out_name(stem, m.name)
-        write_gguf(p, config, tokenizer, tensors(), m.name, device=device, round_to=round_to,
-                   tensor_shapes=shapes, vocab=v)
-        paths.append(p)
-    if modelfile:
-        from .modelfile import write_modelfile
-
-        write_modelfile(paths[0], tokenizer)
-    return paths
+    job = prepare_export(config, tokenizer, shapes, methods, out_dir, stem=stem, src_dir=src_dir)
+    return run_export(job, tensors, device=device, round_to=round_to, modelfile=modelfile)

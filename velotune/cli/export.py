@@ -1,0 +1,105 @@
+"""``velotune export SOURCE --to merged_16bit|lora|gguf [--quant ...] --out DIR``.
+
+SOURCE is a PEFT adapter folder (adapter_config.json: velotune restores its base + the adapter, as
+``FastLanguageModel.from_pretrained(adapter_dir)`` does, then merges in fp32) or a Hugging Face model
+folder (config.json: ``--to gguf`` converts its weights straight from the folder, nothing loaded
+into a model; ``--to merged_16bit`` re-saves it as 16-bit safetensors).
+
+Bad arguments (missing source, unknown --to / --quant, options that do not fit the source) exit
+with code 2 and a message naming the fix, before anything is loaded. A failure during the export
+(an unknown pre-tokenizer, too little disk, ...) exits with code 1 and its message; no half file
+is left behind.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+TARGETS = ("merged_16bit", "lora", "gguf")
+DEFAULT_QUANT = "q8_0"  # what save_pretrained_gguf's default "fast_quantized" means
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", help="a PEFT adapter folder (adapter_config.json) or a Hugging Face model folder")
+    p.add_argument("--to", required=True, choices=TARGETS,
+                   help="merged_16bit: LoRA merged in fp32, 16-bit safetensors; lora: the PEFT adapter; "
+                        "gguf: llama.cpp / Ollama files")
+    p.add_argument("--quant", nargs="+", action="extend", metavar="METHOD",
+                   help=f"GGUF method(s), one file each (default {DEFAULT_QUANT}): f16, bf16, f32, q8_0, q6_k, "
+                        "q5_k_m, q4_k_m, q3_k_m, q2_k, ... (velotune.export.gguf.METHODS / ALIASES)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
+    p.add_argument("--max-seq-length", type=int, default=2048, metavar="N",
+                   help="context the adapter was trained for; beyond the model's, RoPE scaling is applied "
+                        "as at training time (default 2048)")
+    p.add_argument("--load-in-4bit", action=argparse.BooleanOptionalAction, default=None,
+                   help="adapter sources: load the base in 4-bit NF4 and merge onto its dequantised weights, "
+                        "as QLoRA trained it (default), or in 16-bit with --no-load-in-4bit")
+    p.set_defaults(func=run, _parser=p)
+
+
+def _kind(source: Path) -> str | None:
+    if (source / "adapter_config.json").is_file():
+        return "adapter"
+    if (source / "config.json").is_file():
+        return "model"
+    return None
+
+
+def _check(args: argparse.Namespace) -> str:
+    """Validate the arguments without loading anything; returns the source kind. Exits 2 on error."""
+    from ..export.gguf import resolve_method
+
+    err = args._parser.error
+    source = Path(args.source).expanduser()
+    if not source.exists():
+        err(f"SOURCE {args.source}: no such folder; pass a PEFT adapter folder or a Hugging Face model folder")
+    if not source.is_dir():
+        err(f"SOURCE {args.source} is a file; pass the folder that holds adapter_config.json or config.json")
+    kind = _kind(source)
+    if kind is None:
+        err(f"SOURCE {args.source} holds neither adapter_config.json (PEFT adapter) nor config.json "
+            "(Hugging Face model); point it at the folder that holds one")
+    if args.quant and args.to != "gguf":
+        err(f"--quant applies to --to gguf only (got --to {args.to}); drop --quant or use --to gguf")
+    for q in args.quant or ():
+        try:
+            resolve_method(q)
+        except ValueError as e:
+            err(f"--quant {q}: {e}")
+    if args.max_seq_length <= 0:
+        err(f"--max-seq-length {args.max_seq_length} must be a positive number of tokens, e.g. 2048")
+    if kind == "model" and args.to == "lora":
+        err(f"SOURCE {args.source} is a model folder, not a PEFT adapter: --to lora needs an adapter folder "
+            "(adapter_config.json); use --to merged_16bit or --to gguf")
+    if kind == "model" and args.load_in_4bit:
+        err("--load-in-4bit applies to adapter folders (the base the adapter is merged onto); a model folder "
+            "is exported from its own weights")
+    return kind
+
+
+def _export(args: argparse.Namespace, kind: str) -> list[Path]:
+    from ..api import FastLanguageModel
+    from ..export.gguf import export_gguf
+
+    quant = args.quant or [DEFAULT_QUANT]
+    if kind == "model" and args.to == "gguf":
+        return export_gguf(args.source, args.out, quant)
+    load_in_4bit = kind == "adapter" and args.load_in_4bit is not False
+    model, tok = FastLanguageModel.from_pretrained(args.source, max_seq_length=args.max_seq_length,
+                                                   load_in_4bit=load_in_4bit)
+    if args.to == "gguf":
+        return model.save_pretrained_gguf(args.out, tok, quantization_method=quant)
+    return [model.save_pretrained_merged(args.out, tok, save_method=args.to)]
+
+
+def run(args: argparse.Namespace) -> int:
+    kind = _check(args)
+    try:
+        paths = _export(args, kind)
+    except (ValueError, OSError) as e:  # VelotuneError is a ValueError: bad input met during the export
+        print(f"velotune export: error: {e}", file=sys.stderr)
+        return 1
+    for p in paths:
+        print(f"wrote {p}")
+    return 0
