@@ -57,8 +57,12 @@ def test_16bit_and_full_finetuning(tiny_dir):
 def test_load_in_8bit(tiny_dir):
     import bitsandbytes as bnb
 
-    model, _ = FastLanguageModel.from_pretrained(tiny_dir(), load_in_4bit=False, load_in_8bit=True)
+    model, tok = FastLanguageModel.from_pretrained(tiny_dir(), load_in_4bit=False, load_in_8bit=True)
     assert sum(isinstance(m, bnb.nn.Linear8bitLt) for m in model.modules()) == 14
+    model = FastLanguageModel.get_peft_model(model, r=8)  # 8-bit LoRA trains (projections unfused)
+    x = tok(["The capital of France is Paris."], return_tensors="pt")["input_ids"]
+    model(input_ids=x, labels=x).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
     with pytest.raises(VelotuneError, match="exclusive"):
         FastLanguageModel.from_pretrained(tiny_dir(), load_in_4bit=True, load_in_8bit=True)
 

@@ -88,7 +88,8 @@ def _one_sgd_step(tiny_dir, tmp_path, ds, bs, ga):
                          max_seq_length=256, args=args)
     before = _lora_state(model)
     trainer.train()
-    return {k: v - before[k] for k, v in _lora_state(model).items()}
+    loss = [h["loss"] for h in trainer.state.log_history if "loss" in h][0]
+    return {k: v - before[k] for k, v in _lora_state(model).items()}, loss
 
 
 def test_gradient_accumulation_equals_big_batch(tiny_dir, tmp_path):
@@ -97,8 +98,9 @@ def test_gradient_accumulation_equals_big_batch(tiny_dir, tmp_path):
     # Very different lengths, so averaging per micro-batch (the classic bug) would give a different step.
     texts = [("word " * n).strip() + tok.eos_token for n in (3, 60, 5, 90, 2, 40, 7, 120)]
     ds = Dataset.from_dict({"text": texts})
-    big = _one_sgd_step(tiny_dir, tmp_path, ds, bs=8, ga=1)
-    acc = _one_sgd_step(tiny_dir, tmp_path, ds, bs=2, ga=4)
+    big, loss_big = _one_sgd_step(tiny_dir, tmp_path, ds, bs=8, ga=1)
+    acc, loss_acc = _one_sgd_step(tiny_dir, tmp_path, ds, bs=2, ga=4)
+    assert loss_acc == pytest.approx(loss_big, rel=1e-5)  # the logged loss is the big batch's loss too
     moved = [k for k in big if big[k].abs().max() > 0]
     assert moved, "the SGD step changed nothing"
     for k in big:

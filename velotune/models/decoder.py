@@ -32,6 +32,7 @@ from ..kernels.cross_entropy import linear_cross_entropy
 from ..kernels.lora import lora_linear, lora_mlp, lora_qkv
 from ..kernels.rms_norm import rms_norm
 from ..kernels.rope import rope, rope_cos_sin
+from . import attention as A
 from .registry import FamilySpec, activation_of, family_of
 
 _STATIC_ROPE = {"default", "linear", "llama3", "yarn", "longrope"}
@@ -97,12 +98,16 @@ def _apply(mod, proj, x):
 
 # ------------------------------------------------------------------------------------- the layer
 class _Plan:
-    """Per-call constants shared by every layer (owned by one forward call)."""
+    """Per-call constants shared by every layer (owned by one forward call).
 
-    def __init__(self, spec, config, cos, sin, position_ids, mask, causal, activation):
+    mask: padding mask or None; restart: [B, T] example starts of packed rows or None; segments:
+    varlen cumulative lengths when packed rows run through varlen attention, else None.
+    """
+
+    def __init__(self, spec, config, cos, sin, position_ids, mask, restart, segments, activation):
         self.spec, self.config = spec, config
         self.cos, self.sin, self.position_ids = cos, sin, position_ids
-        self.mask, self.causal, self.activation = mask, causal, activation
+        self.mask, self.restart, self.segments, self.activation = mask, restart, segments, activation
         self.eps = config.rms_norm_eps
 
 
@@ -110,7 +115,7 @@ def _norm(x, module, plan):
     return rms_norm(x, module.weight, plan.eps, plan.spec.norm_offset, plan.spec.norm_cast_before_weight)
 
 
-def _attention(layer, h, plan, mask):
+def _attention(layer, h, plan, attn_plan):
     attn = layer.self_attn
     bsz, t = h.shape[:2]
     head_dim = attn.head_dim
@@ -127,8 +132,12 @@ def _attention(layer, h, plan, mask):
     v = v.view(bsz, t, -1, head_dim).transpose(1, 2)
     q, k = rope(q, k, plan.cos, plan.sin, plan.position_ids, layout="bhtd")
     dropout = float(getattr(attn, "attention_dropout", 0.0) or 0.0) if layer.training else 0.0
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and plan.causal,
-                                         dropout_p=dropout, scale=attn.scaling, enable_gqa=q.shape[1] != k.shape[1])
+    mask, segments = attn_plan
+    if segments is not None and dropout == 0.0:
+        out = A.varlen_attention(q, k, v, segments, attn.scaling)
+    else:
+        out = A.sdpa(q, k, v, mask if segments is None else A.packed_mask(plan.restart, None, q.shape[2], q.device),
+                     attn.scaling, dropout)
     out = out.transpose(1, 2).reshape(bsz, t, -1)
     return _apply(attn.o_proj, projection(attn.o_proj), out)
 
@@ -141,9 +150,9 @@ def _mlp(layer, h, plan):
     return mlp(h)
 
 
-def _layer(layer, x, plan, mask):
+def _layer(layer, x, plan, attn_plan):
     h = _norm(x, layer.input_layernorm, plan)
-    x = x + _attention(layer, h, plan, mask)
+    x = x + _attention(layer, h, plan, attn_plan)
     h = _norm(x, layer.post_attention_layernorm, plan)
     return x + _mlp(layer, h, plan)
 
@@ -156,27 +165,18 @@ def _layer_window(layer, config, spec: FamilySpec):
     return getattr(config, spec.sliding_window_attr, None) if spec.sliding_window_attr else None
 
 
-def _base_mask(attention_mask, t: int, device, training: bool):
-    """None when plain causal attention is exact (no padding, or right padding while training);
-    else a [B, 1, T, T] bool mask (True = may attend)."""
-    if attention_mask is None:
-        return None
-    am = attention_mask.bool()
-    if bool(am.all()):
-        return None
-    # Right padding in training: every query at a real position sees only earlier (real) keys under
-    # causal masking, and padded positions carry no label, so causal attention is exact for the loss.
-    # In eval the logits at padded positions are returned too, so they get HF's mask.
-    if training and bool((am.int().diff(dim=1) <= 0).all()):
-        return None
-    causal = torch.ones(t, t, dtype=torch.bool, device=device).tril()
-    return (causal[None] & am[:, None, :])[:, None]
-
-
-def _window_mask(base, window: int, t: int, device):
-    i = torch.arange(t, device=device)
-    band = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
-    return band[None, None] if base is None else (base & band)
+def _layer_attention(layer, config, spec, plan, t: int, device):
+    """(mask, segments) for one layer: segments -> varlen attention; else SDPA with mask (None = causal)."""
+    window = _layer_window(layer, config, spec)
+    windowed = bool(window) and t > window
+    if plan.segments is not None and not windowed:
+        return None, plan.segments
+    mask = plan.mask
+    if plan.restart is not None:
+        mask = A.packed_mask(plan.restart, mask, t, device)
+    if windowed:
+        mask = A.window_mask(mask, window, t, device)
+    return mask, None
 
 
 # ------------------------------------------------------------------------------------------ rope
@@ -270,18 +270,25 @@ def _backbone(self, spec, input_ids, attention_mask, position_ids):
     bsz, t = input_ids.shape
     if position_ids is None:
         position_ids = torch.arange(t, device=x.device).unsqueeze(0)
-    n_pos = int(position_ids.max()) + 1
+        n_pos = t
+    else:
+        n_pos = int(position_ids.max()) + 1
     cos, sin = _rope_tables(self, config, n_pos, x.device)
-    base_mask = _base_mask(attention_mask, t, x.device, self.training)
-    plan = _Plan(spec, config, cos, sin, position_ids, base_mask, True, activation_of(config, spec))
+    mask = A.base_mask(attention_mask, t, x.device, self.training)
+    restart = A.restarts(position_ids)
+    segments = None
+    if restart is not None:
+        A.note_packed_path(x.device)
+        if mask is None and A.varlen_available(x.device):
+            segments = A.Segments(restart)
+    plan = _Plan(spec, config, cos, sin, position_ids, mask, restart, segments, activation_of(config, spec))
     gc = getattr(backbone, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled()
     for layer in backbone.layers[: config.num_hidden_layers]:
-        window = _layer_window(layer, config, spec)
-        mask = _window_mask(base_mask, window, t, x.device) if window and t > window else base_mask
+        attn_plan = _layer_attention(layer, config, spec, plan, t, x.device)
         if gc:
-            x = checkpoint(_layer, layer, x, plan, mask, use_reentrant=False)
+            x = checkpoint(_layer, layer, x, plan, attn_plan, use_reentrant=False)
         else:
-            x = _layer(layer, x, plan, mask)
+            x = _layer(layer, x, plan, attn_plan)
     return _norm(x, backbone.norm, plan)
 
 

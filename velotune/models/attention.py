@@ -1,0 +1,119 @@
+"""Attention for the fast forward: causal, padded, sliding-window and packed (padding-free) batches.
+
+Which path runs (decided once per forward call, :func:`plan_attention`):
+
+- plain causal SDPA (``is_causal=True``, flash / cuDNN backends): no padding, or right padding while
+  training (exact for every labelled token);
+- packed rows (position_ids restart inside a row: TRL's ``padding_free`` / ``packing`` collators) on
+  CUDA: ``torch.nn.attention.varlen.varlen_attn`` (FlashAttention over cumulative sequence lengths;
+  no [T, T] mask, attention never crosses an example boundary) when the installed torch has it;
+- everything else (left padding, eval with padding, sliding windows shorter than the sequence, packed
+  rows on CPU or without varlen): SDPA with an explicit [B, 1, T, T] bool mask (exact; T^2 bytes).
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+from .._notices import say_once
+
+
+def base_mask(attention_mask, t: int, device, training: bool):
+    """None when plain causal attention is exact (no padding, or right padding while training);
+    else a [B, 1, T, T] bool mask (True = may attend)."""
+    if attention_mask is None:
+        return None
+    am = attention_mask.bool()
+    if bool(am.all()):
+        return None
+    # Right padding in training: every query at a real position sees only earlier (real) keys under
+    # causal masking, and padded positions carry no label, so causal attention is exact for the loss.
+    # In eval the logits at padded positions are returned too, so they get HF's mask.
+    if training and bool((am.int().diff(dim=1) <= 0).all()):
+        return None
+    causal = torch.ones(t, t, dtype=torch.bool, device=device).tril()
+    return (causal[None] & am[:, None, :])[:, None]
+
+
+def restarts(position_ids):
+    """[B, T] bool, True where a new example starts inside a row (position != previous + 1); None if
+    no row restarts (a plain, unpacked batch). One host sync."""
+    if position_ids is None or position_ids.shape[1] < 2:
+        return None
+    r = torch.zeros_like(position_ids, dtype=torch.bool)
+    r[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    return r if bool(r.any()) else None
+
+
+def packed_mask(restart, base, t: int, device):
+    """Block-diagonal causal [B, 1, T, T] mask for packed rows (AND the padding mask, if any)."""
+    seg = restart.long().cumsum(-1)  # example index of each token within its row
+    same = seg[:, :, None] == seg[:, None, :]
+    causal = torch.ones(t, t, dtype=torch.bool, device=device).tril()
+    mask = (same & causal[None])[:, None]
+    return mask if base is None else mask & base
+
+
+def window_mask(mask, window: int, t: int, device):
+    """AND a sliding-window band (key j visible to query i iff i - window < j <= i), as HF does."""
+    i = torch.arange(t, device=device)
+    band = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
+    return band[None, None] if mask is None else (mask & band)
+
+
+@functools.lru_cache(maxsize=1)
+def _varlen():
+    """(varlen_attn, how to ask it for causal attention) or None when torch has no varlen API."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    if "window_size" in params:
+        return varlen_attn, {"window_size": (-1, 0)}
+    if "is_causal" in params:
+        return varlen_attn, {"is_causal": True}
+    return None
+
+
+class Segments:
+    """Cumulative sequence lengths of a packed batch, flattened over rows (built once per forward)."""
+
+    def __init__(self, restart):
+        b, t = restart.shape
+        starts = restart.clone()
+        starts[:, 0] = True  # every row starts an example
+        idx = starts.reshape(-1).nonzero().squeeze(1)
+        self.cu = torch.cat([idx, idx.new_tensor([b * t])]).to(torch.int32)
+        self.max_len = int((self.cu[1:] - self.cu[:-1]).max())
+
+
+def varlen_available(device) -> bool:
+    return device.type == "cuda" and _varlen() is not None
+
+
+def varlen_attention(q, k, v, segments: Segments, scale: float):
+    """Causal attention within each packed example. q [B, Hq, T, D], k/v [B, Hk, T, D] -> [B, Hq, T, D]."""
+    fn, causal = _varlen()
+    b, hq, t, d = q.shape
+    flat = [x.transpose(1, 2).reshape(b * t, x.shape[1], d) for x in (q, k, v)]
+    out = fn(*flat, segments.cu, segments.cu, segments.max_len, segments.max_len, scale=scale,
+             enable_gqa=hq != k.shape[1], **causal)
+    return out.view(b, t, hq, d).transpose(1, 2)
+
+
+def sdpa(q, k, v, mask, scale: float, dropout: float):
+    """SDPA: causal when ``mask`` is None, else with the bool mask (True = may attend)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout,
+                                          scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def note_packed_path(device) -> None:
+    if varlen_available(device):
+        say_once("packed-varlen", "packed batch: attention via torch varlen_attn (FlashAttention, per example)")
+    else:
+        say_once("packed-mask", "packed batch: attention via SDPA with a block-diagonal mask "
+                 f"({'no torch varlen_attn on this install' if device.type == 'cuda' else 'CPU'})")
