@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.tiny_models import FAMILIES
+from tests.tiny_models import FAMILIES, randomize_lora_b
 from velotune import FastLanguageModel
 from velotune.models import set_fast_forward
 
@@ -20,11 +20,7 @@ ATOL = 1e-6
 def _model(tiny_dir, family, load_in_4bit, **kw):
     model, tok = FastLanguageModel.from_pretrained(tiny_dir(family), load_in_4bit=load_in_4bit, max_seq_length=128)
     model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, random_state=3, **kw)
-    g = torch.Generator().manual_seed(11)
-    with torch.no_grad():  # non-zero B so that every LoRA gradient (A too) is exercised
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    randomize_lora_b(model, seed=11, std=0.1)
     return model, tok
 
 
@@ -141,11 +137,7 @@ def test_bf16_autocast_no_worse_than_hf(tiny_dir, family):
     model, _ = FastLanguageModel.from_pretrained(tiny_dir(family), load_in_4bit=False, dtype=torch.bfloat16,
                                                  max_seq_length=512)
     model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, random_state=3)
-    g = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    randomize_lora_b(model, seed=11, std=0.05)
     model.train()
     ids = torch.randint(3, 500, (1, 300), generator=torch.Generator().manual_seed(1))
 

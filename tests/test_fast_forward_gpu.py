@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 
-from tests.tiny_models import make_tokenizer
+from tests.tiny_models import make_tokenizer, randomize_lora_b
 from velotune import FastLanguageModel
 from velotune.models import set_fast_forward
 
@@ -44,11 +44,7 @@ def _lora(path, load_in_4bit):
     model, _ = FastLanguageModel.from_pretrained(path, dtype=torch.bfloat16, load_in_4bit=load_in_4bit,
                                                  max_seq_length=1024)
     model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, use_gradient_checkpointing=True)
-    g = torch.Generator(device="cuda").manual_seed(5)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, device="cuda", generator=g) * 0.02)
+    randomize_lora_b(model, seed=5, std=0.02)
     return model.train()
 
 

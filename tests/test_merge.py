@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from tests.tiny_models import randomize_lora_b
 from velotune import FastLanguageModel, VelotuneError
 from velotune.export import merge as merge_mod
 from velotune.export.merge import dequantized_weight
@@ -17,11 +18,7 @@ def _trained_like(tiny_dir, family="llama", load_in_4bit=True, seed=0, **kw):
     """A LoRA model whose B matrices are non-zero (as after training), deterministic."""
     model, tok = FastLanguageModel.from_pretrained(tiny_dir(family), load_in_4bit=load_in_4bit, max_seq_length=128)
     model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing=False, **kw)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    randomize_lora_b(model, seed=seed, std=0.05)
     return model.eval(), tok
 
 

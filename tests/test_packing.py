@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+from tests.tiny_models import randomize_lora_b
 from velotune import FastLanguageModel
 from velotune.models import set_fast_forward
 
@@ -20,11 +21,7 @@ TEXTS = ["The capital of France is Paris.", "Add the two numbers: 12 and 30. The
 def _model(tiny_dir, family="llama"):
     model, tok = FastLanguageModel.from_pretrained(tiny_dir(family), load_in_4bit=True, max_seq_length=256)
     model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, random_state=3)
-    g = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    randomize_lora_b(model, seed=11, std=0.1)
     return model, tok
 
 

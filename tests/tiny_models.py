@@ -74,3 +74,14 @@ def make_tiny_model(family: str, folder: str | Path, seed: int = 0, dtype=torch.
     tok.save_pretrained(folder)
     (folder / "velotune-tiny.json").write_text(json.dumps({"family": family, "seed": seed}))
     return folder
+
+
+def randomize_lora_b(model, seed: int, std: float) -> None:
+    """Fill every LoRA B with N(0, std^2) draws (seeded), as if trained: B starts at zero, which would
+    hide A's gradient and the LoRA delta from any comparison."""
+    device = next(p.device for n, p in model.named_parameters() if "lora_B" in n)
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, device=device, generator=g) * std)

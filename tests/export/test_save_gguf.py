@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from tests.tiny_models import make_tiny_model
+from tests.tiny_models import make_tiny_model, randomize_lora_b
 from velotune import FastLanguageModel, VelotuneError
 from velotune.export import merge as merge_mod
 from velotune.export.gguf import convert, save_model_gguf, vocab
@@ -64,11 +64,7 @@ def lora_model(folder, load_in_4bit=True, load_in_8bit=False, dtype=None, lora=T
                                                    dtype=dtype, max_seq_length=128)
     if lora:
         model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing=False)
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_B" in n:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        randomize_lora_b(model, seed=seed, std=0.05)
     return model.eval(), tok
 
 
