@@ -3,11 +3,15 @@
 Drop-in names for the incumbent's API::
 
     from velotune import FastLanguageModel, SFTTrainer, is_bfloat16_supported, alpaca_prompt
+    from velotune import get_chat_template, standardize_sharegpt, train_on_responses_only
 """
 from ._notices import VelotuneError
 from .api import FastLanguageModel
 from .data.alpaca import alpaca_prompt, alpaca_prompt_no_input, format_alpaca, get_alpaca_formatter
+from .data.chat_templates import get_chat_template
+from .data.sharegpt import standardize_sharegpt
 from .device import MemoryReport, default_dtype, is_bfloat16_supported, memory_report
+from .training.responses_only import train_on_responses_only
 from .training.trainer import SFTTrainer
 
 __version__ = "0.1.0"
@@ -24,4 +28,7 @@ __all__ = [
     "alpaca_prompt_no_input",
     "format_alpaca",
     "get_alpaca_formatter",
+    "get_chat_template",
+    "standardize_sharegpt",
+    "train_on_responses_only",
 ]

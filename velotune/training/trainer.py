@@ -111,7 +111,7 @@ class SFTTrainer(trl.SFTTrainer):
         text_field = args.dataset_text_field
         cols = getattr(train_dataset, "column_names", None)
         if cols is not None and kwargs.get("formatting_func") is None and text_field not in cols \
-                and not {"messages", "prompt", "completion", "input_ids"} & set(cols):
+                and not {"messages", "conversations", "prompt", "completion", "input_ids"} & set(cols):
             raise VelotuneError(
                 f"train_dataset has no {text_field!r} column (columns: {cols}); format it first (e.g. "
                 "dataset.map(get_alpaca_formatter(tokenizer), batched=True)) or pass dataset_text_field="

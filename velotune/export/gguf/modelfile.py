@@ -1,65 +1,23 @@
-"""Ollama Modelfile for an exported GGUF: FROM, TEMPLATE (Go template) and stop tokens.
+"""Ollama Modelfile for an exported GGUF: FROM, TEMPLATE (Go template), SYSTEM and stop tokens.
 
-Ollama does not run the tokenizer's Jinja chat template; it needs a Go template. We recognise the
-common families from the Jinja text by their turn markers and emit the equivalent Go template; an
-unrecognised template gets a plain prompt template and a comment saying so.
+Ollama does not run the tokenizer's Jinja chat template; it needs a Go template. The chat-template
+table (velotune.data.chat_templates) holds each format's Go counterpart: a template velotune wrote is
+recognised by its tag, any other by its turn markers. An unrecognised template gets a plain prompt
+template and a comment saying so.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
+from ...data.chat_templates import ChatTemplate, default_system_of, detect_chat_template
 
-@dataclass(frozen=True)
-class ChatFormat:
-    name: str
-    marker: str  # substring of the Jinja chat template that identifies the family
-    template: str  # Ollama Go template
-    stops: tuple[str, ...]
-
-
-FORMATS: tuple[ChatFormat, ...] = (
-    ChatFormat(
-        "chatml", "<|im_start|>",
-        "{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
-        "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
-        "<|im_start|>assistant\n",
-        ("<|im_start|>", "<|im_end|>"),
-    ),
-    ChatFormat(
-        "llama-3", "<|start_header_id|>",
-        "{{- if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>{{ end }}"
-        "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>{{ end }}"
-        "<|start_header_id|>assistant<|end_header_id|>\n\n",
-        ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
-    ),
-    ChatFormat(
-        "gemma", "<start_of_turn>",
-        "{{- range $i, $m := .Messages }}<start_of_turn>{{ if eq .Role \"assistant\" }}model{{ else }}user{{ end }}\n"
-        "{{ if and (eq $i 0) $.System }}{{ $.System }}\n\n{{ end }}{{ .Content }}<end_of_turn>\n{{ end }}"
-        "<start_of_turn>model\n",
-        ("<start_of_turn>", "<end_of_turn>"),
-    ),
-    ChatFormat(
-        "mistral", "[INST]",
-        "{{- range $i, $m := .Messages }}{{- if eq .Role \"user\" }}[INST] "
-        "{{ if and (eq $i 0) $.System }}{{ $.System }}\n\n{{ end }}{{ .Content }}[/INST]"
-        "{{- else if eq .Role \"assistant\" }} {{ .Content }}</s>{{ end }}{{ end }}",
-        ("[INST]", "[/INST]"),
-    ),
-)
 _PLAIN = "{{ if .System }}{{ .System }}\n\n{{ end }}{{ .Prompt }}"
 
 
-def detect_format(chat_template: str | None) -> ChatFormat | None:
-    """The family of a Jinja chat template, or None when unrecognised (or absent)."""
-    if not chat_template:
-        return None
-    for f in FORMATS:
-        if f.marker in chat_template:
-            return f
-    return None
+def detect_format(chat_template: str | None) -> ChatTemplate | None:
+    """The chat-template row of a Jinja chat template, or None when unrecognised (or absent)."""
+    return detect_chat_template(chat_template)
 
 
 def _quote(s: str) -> str:
@@ -77,8 +35,11 @@ def modelfile_text(gguf_name: str, tokenizer) -> str:
         template, stops = _PLAIN, ()
     else:
         lines.append(f"# Chat format: {fmt.name} (translated from the tokenizer's Jinja chat template).")
-        template, stops = fmt.template, fmt.stops
+        template, stops = fmt.ollama_template(getattr(tokenizer, "eos_token", None)), fmt.stops
     lines.append(f'TEMPLATE """{template}"""')
+    system = default_system_of(chat if isinstance(chat, str) else None)
+    if system:
+        lines.append(f'SYSTEM """{system}"""' if '"""' not in system else f"SYSTEM {_quote(system)}")
     eos = getattr(tokenizer, "eos_token", None)
     seen = []
     for s in (*stops, eos):
