@@ -19,7 +19,7 @@ SAMPLE_INSTRUCTION = ("Rewrite the date in ISO 8601 format (YYYY-MM-DD).", "July
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model folder (default: the SmolLM2-135M-Instruct fixture)")
     p.add_argument("--output-dir", default="velotune_demo_output", help="where adapter, merged model, logs go")
-    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: 30 on CPU, 60 on GPU)")
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: 45 on CPU, 60 on GPU)")
     p.add_argument("--learning-rate", type=float, default=5e-4, help="peak learning rate (default 5e-4)")
     p.add_argument("--eval-rows", type=int, default=24, help="held-out date-task rows scored before/after")
     p.add_argument("--max-seq-length", type=int, default=256)
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
 
     gpu = torch.cuda.is_available()
     model_dir = args.model or str(build_smollm2())
-    steps = args.max_steps or (60 if gpu else 30)
+    steps = args.max_steps or (60 if gpu else 45)
     out = Path(args.output_dir)
     t0 = time.perf_counter()
     model, tok = FastLanguageModel.from_pretrained(model_dir, max_seq_length=args.max_seq_length, dtype=None,
