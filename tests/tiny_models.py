@@ -85,3 +85,21 @@ def randomize_lora_b(model, seed: int, std: float) -> None:
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.copy_(torch.randn(p.shape, device=device, generator=g) * std)
+
+
+def make_llama2_style_tokenizer():
+    """A Llama-2-style tokenizer.json (BPE with byte fallback, '▁' spaces, 271 tokens) and no
+    tokenizer.model. llama.cpp reads this kind without identifying a pre-tokenizer, unlike the tiny
+    models' own byte-level BPE, so GGUF tests use it."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    pieces += ["\u2581", "t", "h", "e", "c", "a", "he", "\u2581t", "\u2581the", "\u2581c", "at", "\u2581cat"]
+    merges = [("h", "e"), ("\u2581", "t"), ("\u2581t", "he"), ("\u2581", "c"), ("a", "t"), ("\u2581c", "at")]
+    tok = Tokenizer(models.BPE({p: i for i, p in enumerate(pieces)}, merges, unk_token="<unk>", byte_fallback=True,
+                               fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")

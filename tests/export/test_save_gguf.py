@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from tests.tiny_models import make_tiny_model, randomize_lora_b
+from tests.tiny_models import make_llama2_style_tokenizer, make_tiny_model, randomize_lora_b
 from velotune import FastLanguageModel, VelotuneError
 from velotune.export import merge as merge_mod
 from velotune.export.gguf import convert, save_model_gguf, vocab
@@ -27,18 +27,7 @@ def llama_vocab_tokenizer():
     The tiny models' own byte-level BPE (trained on our data) has a pre-tokenizer llama.cpp cannot
     identify, so GGUF export refuses it (tested below); this kind needs no identification.
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers
-    from transformers import PreTrainedTokenizerFast
-
-    pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
-    pieces += ["\u2581", "t", "h", "e", "c", "a", "he", "\u2581t", "\u2581the", "\u2581c", "at", "\u2581cat"]
-    merges = [("h", "e"), ("\u2581", "t"), ("\u2581t", "he"), ("\u2581", "c"), ("a", "t"), ("\u2581c", "at")]
-    tok = Tokenizer(models.BPE({p: i for i, p in enumerate(pieces)}, merges, unk_token="<unk>", byte_fallback=True,
-                               fuse_unk=True))
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
-    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast = make_llama2_style_tokenizer()
     fast.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
                           "{% endfor %}")
     return fast
