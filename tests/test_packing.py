@@ -90,3 +90,33 @@ def test_packing_leak_is_detected(tiny_dir):
         good = model(input_ids=ids, position_ids=packed["position_ids"]).logits[0]
     second = slice(lengths[0], lengths[0] + lengths[1])
     assert not torch.allclose(leaky[second], good[second], rtol=1e-3, atol=1e-3)
+
+
+def test_sft_trainer_packing_reaches_fast_forward(tiny_dir, tmp_path):
+    """SFTTrainer(packing=True) (TRL's bfd packing + padding-free collator) trains through the fast
+    forward: one packed row per batch with its position_ids (whose attention test_packed_* check)."""
+    from trl import SFTConfig
+
+    from velotune import SFTTrainer, get_alpaca_formatter
+    from velotune.data.bundled import load_alpaca_dataset
+
+    model, tok = _model(tiny_dir)
+    ds = load_alpaca_dataset().select(range(48)).map(get_alpaca_formatter(tok), batched=True)
+    seen = []
+    base = model.get_base_model()
+    fast = base.forward
+
+    def spy(*a, **k):
+        seen.append((tuple(k["input_ids"].shape), k.get("position_ids") is not None))
+        return fast(*a, **k)
+
+    base.forward = spy
+    trainer = SFTTrainer(model=model, processing_class=tok, train_dataset=ds,
+                         args=SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4,
+                                        packing=True, max_length=256, bf16=False, report_to="none", logging_steps=1))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+    trainer.train()
+    assert seen and all(shape[0] == 1 and has_pos for shape, has_pos in seen)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(v)) for v in losses)
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters() if n in before)
