@@ -1,4 +1,4 @@
-"""Command line: ``velotune demo`` (the README's main job), ``velotune export`` and ``velotune env``."""
+"""Command line: ``velotune demo`` (the README's main job), ``velotune train``, ``velotune export``, ``velotune env``."""
 from __future__ import annotations
 
 import argparse
@@ -35,11 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = argparse.ArgumentParser(prog="velotune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    from . import demo, export
+    from . import demo, export, train
 
     p = sub.add_parser("demo", help="fine-tune the real small model on the bundled data (the README's main job)")
     demo.add_arguments(p)
     p.set_defaults(func=demo.run)
+    p = sub.add_parser("train", help="fine-tune from a YAML config file (+ key=value overrides)",
+                       description=train.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_arguments(p)
     p = sub.add_parser("export", help="adapter or model folder -> merged 16-bit safetensors, PEFT adapter, or GGUF",
                        description=export.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     export.add_arguments(p)

@@ -17,7 +17,8 @@ import torch
 import trl
 from transformers import TrainingArguments
 
-from .._notices import VelotuneError, say_once
+from .._notices import VelotuneError, say, say_once
+from .checkpoints import AtomicCheckpointMixin
 
 # Old-TRL trainer keywords -> SFTConfig field.
 _LEGACY_KEYS = {
@@ -81,8 +82,8 @@ def _cpu_mixed_precision(args) -> None:
     args.fp16 = False
 
 
-class SFTTrainer(trl.SFTTrainer):
-    """TRL's ``SFTTrainer``, accepting the seed's keywords too.
+class SFTTrainer(AtomicCheckpointMixin, trl.SFTTrainer):
+    """TRL's ``SFTTrainer``, accepting the seed's keywords too; checkpoints are saved atomically.
 
     Accepts everything ``trl.SFTTrainer`` does, plus: ``tokenizer=`` (alias of ``processing_class``),
     ``dataset_text_field``, ``max_seq_length``, ``packing``, ``dataset_num_proc``, ``dataset_kwargs``,
@@ -130,6 +131,11 @@ class SFTTrainer(trl.SFTTrainer):
         item, so its loss is 0 instead of 0/0. TRL's own fused LM-head path is not used: it needs a
         CUDA Triton driver and would bypass velotune's fast forward.
         """
+        if self._all_labels_masked(inputs):
+            # Nothing to learn from: skip the forward; a leaf zero gives no gradient, and the optimizer
+            # leaves parameters without one untouched (never a 0/0 loss).
+            loss = torch.zeros((), device=self.args.device, requires_grad=True)
+            return (loss, None) if return_outputs else loss
         inputs = {**inputs, "use_cache": False}
         if num_items_in_batch is not None:
             inputs["num_items_in_batch"] = torch.clamp(torch.as_tensor(num_items_in_batch), min=1)
@@ -141,3 +147,20 @@ class SFTTrainer(trl.SFTTrainer):
             # num_items_in_batch counts every rank's tokens; DDP averages gradients across ranks.
             loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
+
+    def _all_labels_masked(self, inputs) -> bool:
+        """True (and counted, said) for a micro-batch whose every label is -100; one process only (with
+        several, every rank must run the same forward/backward for DDP's gradient sync)."""
+        labels = inputs.get("shift_labels")
+        if labels is None:
+            labels = inputs.get("labels")
+            labels = labels[..., 1:] if labels is not None else None
+        # one host sync per micro-batch (tens of microseconds on a GPU; a step is 100s of ms)
+        if labels is None or self.accelerator.num_processes > 1 or bool((labels != -100).any()):
+            return False
+        n = self.skipped_masked_batches = getattr(self, "skipped_masked_batches", 0) + 1
+        if n & (n - 1) == 0:  # said at the 1st, 2nd, 4th, 8th, ... such batch: counted, never spammed
+            say(f"step {self.state.global_step + 1}: skipped a batch whose every label is masked (no token to learn "
+                f"from; {n} so far). Usual causes: responses-only markers that never match, or rows truncated "
+                "before the answer (raise max_seq_length)")
+        return True
