@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 from tests.tiny_models import randomize_lora_b
 from velotune import FastLanguageModel, VelotuneError
 from velotune.export import merge as merge_mod
+from velotune.export.atomic import _umask
 from velotune.export.merge import dequantized_weight
 
 
@@ -79,6 +80,7 @@ def test_default_16bit_dtype_and_sharding(tiny_dir, tmp_path):
     # bf16 rounding of the weights only: close to the fp32 adapter model at bf16 precision
     torch.testing.assert_close(_logits(a, ids), _logits(model, ids), rtol=0.05, atol=0.05)
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    assert (one.stat().st_mode & 0o777) == 0o777 & ~_umask()  # not mkdtemp's 0700
 
 
 def test_save_is_atomic(tiny_dir, tmp_path, monkeypatch):

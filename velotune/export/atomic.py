@@ -35,6 +35,12 @@ def _move_into(tmp: Path, target: Path) -> None:
                 old.unlink()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike):
     """Context manager yielding a fresh temporary folder; on success its files land in ``target``."""
@@ -43,6 +49,8 @@ def atomic_directory(target: str | os.PathLike):
         raise FileExistsError(f"{target} exists and is a file; pass a folder path to save into")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    # mkdtemp makes the folder 0700; the saved model folder should get the usual umask permissions
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
         if not target.exists() or not any(target.iterdir()):
