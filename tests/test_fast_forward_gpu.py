@@ -92,11 +92,17 @@ def test_qlora_fast_matches_hf_bf16(tmp_path):
         assert _rel(g_fast[n], g_hf[n]) < 5e-2, n
 
 
-def test_packed_varlen_matches_padded(tmp_path):
-    """Packed rows on CUDA take torch's varlen FlashAttention (when present): same loss and grads as padding."""
+@pytest.mark.parametrize("use_varlen", [False, True], ids=["block_mask", "varlen"])
+def test_packed_varlen_matches_padded(tmp_path, monkeypatch, use_varlen):
+    """Packed rows on CUDA (block mask, or torch's varlen FlashAttention when switched on): same loss and
+    grads as padding. When the varlen case passes on the device, turn attention.USE_VARLEN on."""
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     from velotune.models import attention as A
+
+    monkeypatch.setattr(A, "USE_VARLEN", use_varlen)
+    if use_varlen and not A.varlen_available(torch.device("cuda")):
+        pytest.skip("this torch has no torch.nn.attention.varlen.varlen_attn")
 
     path = _make("llama", tmp_path)
     model = _lora(path, load_in_4bit=True)

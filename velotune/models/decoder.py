@@ -136,8 +136,9 @@ def _attention(layer, h, plan, attn_plan):
     if segments is not None and dropout == 0.0:
         out = A.varlen_attention(q, k, v, segments, attn.scaling)
     else:
-        out = A.sdpa(q, k, v, mask if segments is None else A.packed_mask(plan.restart, None, q.shape[2], q.device),
-                     attn.scaling, dropout)
+        if segments is not None:  # attention dropout: varlen has none, take the block mask
+            mask = A.packed_mask(plan.restart, None, q.shape[2], q.device)
+        out = A.sdpa(q, k, v, mask, attn.scaling, dropout)
     out = out.transpose(1, 2).reshape(bsz, t, -1)
     return _apply(attn.o_proj, projection(attn.o_proj), out)
 
@@ -171,8 +172,8 @@ def _layer_attention(layer, config, spec, plan, t: int, device):
     windowed = bool(window) and t > window
     if plan.segments is not None and not windowed:
         return None, plan.segments
-    mask = plan.mask
-    if plan.restart is not None:
+    mask = plan.mask  # block-diagonal for packed rows already, unless varlen was planned
+    if plan.segments is not None:  # varlen planned, but this layer's window needs a mask
         mask = A.packed_mask(plan.restart, mask, t, device)
     if windowed:
         mask = A.window_mask(mask, window, t, device)
@@ -281,6 +282,8 @@ def _backbone(self, spec, input_ids, attention_mask, position_ids):
         A.note_packed_path(x.device)
         if mask is None and A.varlen_available(x.device):
             segments = A.Segments(restart)
+        else:
+            mask = A.packed_mask(restart, mask, t, x.device)
     plan = _Plan(spec, config, cos, sin, position_ids, mask, restart, segments, activation_of(config, spec))
     gc = getattr(backbone, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled()
     for layer in backbone.layers[: config.num_hidden_layers]:
