@@ -59,3 +59,17 @@ def real_model_dir():
             pytest.fail(msg)
         pytest.skip(msg)
     return str(smollm2_path())
+
+
+@pytest.fixture
+def notices():
+    """Messages velotune says (its logger does not propagate to the root logger that caplog watches)."""
+    import logging
+
+    said = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    logger = logging.getLogger("velotune")
+    logger.addHandler(handler)
+    yield said
+    logger.removeHandler(handler)

@@ -7,14 +7,13 @@ import re
 import pytest
 from transformers import AutoTokenizer
 
-from tests.test_responses_only import CONV, duck_trainer, notices, render_ids, templated_tokenizer, visible_spans
+from tests.test_responses_only import CONV, duck_trainer, render_ids, templated_tokenizer, visible_spans
 from tests.tiny_models import make_tokenizer
 from velotune import VelotuneError, get_chat_template, train_on_responses_only
 from velotune.data.chat_templates import (TEMPLATES, default_system_of, detect_chat_template, get_template,
                                           template_names)
 from velotune.export.gguf.modelfile import modelfile_text
 
-__all__ = ["notices"]  # the fixture, shared with test_responses_only
 
 # What a reply's label span decodes to, given the reply and the end-of-turn text. Vicuna's reply follows
 # "ASSISTANT:" after a space, which BPE keeps on the reply's first word.

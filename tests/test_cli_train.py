@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import math
 from pathlib import Path
 
@@ -13,18 +12,6 @@ from safetensors.torch import load_file
 
 from velotune import _notices, is_bfloat16_supported
 from velotune.cli import main
-
-
-@pytest.fixture
-def notices():
-    """Messages velotune says (its logger does not propagate to the root logger that caplog watches)."""
-    said = []
-    handler = logging.Handler()
-    handler.emit = lambda record: said.append(record.getMessage())
-    logger = logging.getLogger("velotune")
-    logger.addHandler(handler)
-    yield said
-    logger.removeHandler(handler)
 
 
 def write_config(tmp_path: Path, model_dir: str, name: str = "run.yaml", **sections) -> Path:

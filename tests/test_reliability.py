@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, TrainerControl
 
-from tests.test_cli_train import _losses, notices, report_of, train, write_config  # noqa: F401 (fixture)
+from tests.test_cli_train import _losses, report_of, train, write_config
 from velotune import VelotuneError
 from velotune.config import DataConfig
 from velotune.data.sources import load_training_data, prepare_data

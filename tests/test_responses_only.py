@@ -2,7 +2,6 @@
 conversations counted and dropped, packing, errors, and an end-to-end run through SFTTrainer."""
 from __future__ import annotations
 
-import logging
 import math
 from types import SimpleNamespace
 
@@ -21,18 +20,6 @@ CONV = [
     {"role": "user", "content": "And of Italy?"},
     {"role": "assistant", "content": "Rome."},
 ]
-
-
-@pytest.fixture
-def notices():
-    """Messages velotune says (its logger does not propagate to the root logger that caplog watches)."""
-    said = []
-    handler = logging.Handler()
-    handler.emit = lambda record: said.append(record.getMessage())
-    logger = logging.getLogger("velotune")
-    logger.addHandler(handler)
-    yield said
-    logger.removeHandler(handler)
 
 
 def templated_tokenizer(name: str = "chatml", **kw):
