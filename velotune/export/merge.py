@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from .._layers import (is_4bit, is_8bit, is_lora_layer, is_modules_to_save, is_quantized_linear,
+                       saved_module)
 from .._notices import VelotuneError, say
 from .atomic import atomic_directory, check_free_disk
 
@@ -42,12 +44,11 @@ def parse_size(size) -> int:
 def dequantized_weight(linear) -> torch.Tensor:
     """The weight of a (possibly bitsandbytes-quantised) linear layer as a float32 [out, in] tensor."""
     w = linear.weight
-    cls = type(w).__name__
-    if cls == "Params4bit" or getattr(w, "quant_state", None) is not None:
+    if is_4bit(w):
         import bitsandbytes.functional as bnbf
 
         return bnbf.dequantize_4bit(w.data, w.quant_state).float().reshape(linear.out_features, linear.in_features)
-    if cls == "Int8Params" or w.dtype == torch.int8:
+    if is_8bit(w):
         scb = getattr(w, "SCB", None)
         if scb is None:
             scb = getattr(getattr(linear, "state", None), "SCB", None)
@@ -65,17 +66,21 @@ def _lora_delta(layer, adapter: str) -> torch.Tensor:
     return delta.T if getattr(layer, "fan_in_fan_out", False) else delta
 
 
-def _is_lora_layer(m) -> bool:
-    return hasattr(m, "base_layer") and hasattr(m, "lora_A") and hasattr(m, "scaling")
+def _walk(base):
+    """(prefix, kind, module) over the modules whose tensors make up the merged model, in order.
 
-
-def _is_modules_to_save(m) -> bool:
-    return hasattr(m, "original_module") and hasattr(m, "modules_to_save")
-
-
-def _is_quantized_linear(m) -> bool:
-    w = getattr(m, "weight", None)
-    return w is not None and (type(w).__name__ in ("Params4bit", "Int8Params") or w.dtype in (torch.uint8, torch.int8))
+    kind: "lora" (a LoRA-wrapped linear), "saved" (a modules_to_save wrapper), "quant" (a quantised
+    linear without LoRA) — their inner modules are not visited — or "plain" (own params and buffers).
+    """
+    done: list[str] = []
+    for name, mod in base.named_modules():
+        if any(name.startswith(d + ".") for d in done):
+            continue
+        kind = ("lora" if is_lora_layer(mod) else "saved" if is_modules_to_save(mod)
+                else "quant" if is_quantized_linear(mod) else "plain")
+        if kind != "plain":
+            done.append(name)
+        yield (name + "." if name else ""), kind, mod
 
 
 def _check_mergeable(layer, name: str) -> list[str]:
@@ -93,7 +98,6 @@ def iter_merged_tensors(model, dtype: torch.dtype) -> Iterator[tuple[str, torch.
     (``model.layers.0.self_attn.q_proj.weight``); tied output embeddings are yielded once.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    done: list[str] = []
     yielded: set[int] = set()
 
     def emit(name: str, t: torch.Tensor, key: int | None = None):
@@ -103,14 +107,10 @@ def iter_merged_tensors(model, dtype: torch.dtype) -> Iterator[tuple[str, torch.
             yielded.add(key)
         return name, t.detach().to(dtype=dtype if t.is_floating_point() else t.dtype, device="cpu").contiguous()
 
-    for name, mod in base.named_modules():
-        if any(name.startswith(d + ".") for d in done):
-            continue
-        prefix = name + "." if name else ""
-        if _is_lora_layer(mod):
-            done.append(name)
+    for prefix, kind, mod in _walk(base):
+        if kind == "lora":
             w = dequantized_weight(mod.base_layer)
-            for adapter in _check_mergeable(mod, name):
+            for adapter in _check_mergeable(mod, prefix.rstrip(".")):
                 w = w + _lora_delta(mod, adapter).to(w.device)
             out = [emit(prefix + "weight", w)]
             bias = getattr(mod.base_layer, "bias", None)
@@ -122,16 +122,12 @@ def iter_merged_tensors(model, dtype: torch.dtype) -> Iterator[tuple[str, torch.
                         b = b + lb.detach().float() * float(mod.scaling[adapter])
                 out.append(emit(prefix + "bias", b))
             yield from (o for o in out if o is not None)
-        elif _is_modules_to_save(mod):
-            done.append(name)
-            active = mod.active_adapters[0] if mod.active_adapters else None
-            src = mod.modules_to_save[active] if active in mod.modules_to_save else mod.original_module
-            for pname, p in src.named_parameters():
+        elif kind == "saved":
+            for pname, p in saved_module(mod).named_parameters():
                 o = emit(prefix + pname, p.float(), key=id(p))
                 if o is not None:
                     yield o
-        elif _is_quantized_linear(mod):
-            done.append(name)
+        elif kind == "quant":
             yield emit(prefix + "weight", dequantized_weight(mod))
             if getattr(mod, "bias", None) is not None:
                 yield emit(prefix + "bias", mod.bias.float())
@@ -152,7 +148,6 @@ def merged_tensor_shapes(model) -> dict[str, tuple[int, ...]]:
     layer's [out_features, in_features]). Same walk, same names; tied weights once."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     shapes: dict[str, tuple[int, ...]] = {}
-    done: list[str] = []
     seen: set[int] = set()
 
     def once(p) -> bool:
@@ -161,22 +156,15 @@ def merged_tensor_shapes(model) -> dict[str, tuple[int, ...]]:
         seen.add(id(p))
         return True
 
-    for name, mod in base.named_modules():
-        if any(name.startswith(d + ".") for d in done):
-            continue
-        prefix = name + "." if name else ""
-        if _is_lora_layer(mod) or _is_quantized_linear(mod):
-            done.append(name)
-            lin = mod.base_layer if _is_lora_layer(mod) else mod
-            shape = (lin.out_features, lin.in_features) if _is_quantized_linear(lin) else tuple(lin.weight.shape)
+    for prefix, kind, mod in _walk(base):
+        if kind in ("lora", "quant"):
+            lin = mod.base_layer if kind == "lora" else mod
+            shape = (lin.out_features, lin.in_features) if is_quantized_linear(lin) else tuple(lin.weight.shape)
             shapes[prefix + "weight"] = shape
             if getattr(lin, "bias", None) is not None:
                 shapes[prefix + "bias"] = tuple(lin.bias.shape)
-        elif _is_modules_to_save(mod):
-            done.append(name)
-            active = mod.active_adapters[0] if mod.active_adapters else None
-            src = mod.modules_to_save[active] if active in mod.modules_to_save else mod.original_module
-            shapes.update((prefix + n, tuple(p.shape)) for n, p in src.named_parameters() if once(p))
+        elif kind == "saved":
+            shapes.update((prefix + n, tuple(p.shape)) for n, p in saved_module(mod).named_parameters() if once(p))
         else:
             shapes.update((prefix + n, tuple(p.shape)) for n, p in mod.named_parameters(recurse=False) if once(p))
             skip = getattr(mod, "_non_persistent_buffers_set", set())

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .._layers import is_4bit, is_8bit, is_lora_layer, is_modules_to_save, saved_module
 from .._notices import say_once
 from ..kernels.cross_entropy import linear_cross_entropy
 from ..kernels.lora import lora_linear, lora_mlp, lora_qkv
@@ -57,16 +58,16 @@ def _frozen_base(lin):
     w = getattr(lin, "weight", None)
     if w is None or w.requires_grad:
         return None
-    if type(w).__name__ == "Params4bit":
+    if is_4bit(w):
         return _nf4(lin)
-    if type(w).__name__ == "Int8Params" or not w.is_floating_point():
+    if is_8bit(w) or not w.is_floating_point():
         return None
     return w
 
 
 def projection(mod):
     """(base, A, B, scaling, bias) for a fusable projection module, else None (call the module)."""
-    if hasattr(mod, "base_layer") and hasattr(mod, "lora_A"):
+    if is_lora_layer(mod):
         if getattr(mod, "merged", False) or getattr(mod, "disable_adapters", False):
             return None
         active = [a for a in mod.active_adapters if a in mod.lora_A]
@@ -199,9 +200,9 @@ def _rope_tables(model, config, n_pos: int, device):
 # --------------------------------------------------------------------------------------- forward
 def _lm_head_weight(model):
     head = model.get_output_embeddings()
-    if hasattr(head, "modules_to_save") and hasattr(head, "active_adapters"):
-        head = head.modules_to_save[head.active_adapters[0]]
-    if hasattr(head, "base_layer") or getattr(head, "bias", None) is not None:
+    if is_modules_to_save(head):
+        head = saved_module(head)
+    if is_lora_layer(head) or getattr(head, "bias", None) is not None:
         return None
     return head.weight
 
