@@ -34,7 +34,10 @@ def train_step_section(rows: list[dict]) -> list[str]:
     out = ["## QLoRA training step (issue #3)", "",
            "Random-init Llama checkpoint of the named shape, NF4 + double quant, bf16 autocast, LoRA r16 α16 on "
            "q/k/v/o/gate/up/down, gradient checkpointing on, batch 2 × 2048, bitsandbytes AdamW8bit; 3 warm-up + "
-           "10 timed steps, median step; peak = `torch.cuda.max_memory_allocated` during the steps. All peers of a "
+           "10 timed steps, median step; peak = `torch.cuda.max_memory_allocated` during the steps, and "
+           "`max_memory_reserved` (what the process holds from the card; CUDA-graph replays bypass the "
+           "allocated counter, so compare reserved when a peer uses graphs). `velotune` uses CUDA graphs "
+           "(captured in warm-up), `velotune_eager` is the same code without them. All peers of a "
            "table ran in one command on one card, each in its own process.", ""]
     by_shape = defaultdict(list)
     for r in rows:
@@ -43,7 +46,7 @@ def train_step_section(rows: list[dict]) -> list[str]:
     for shape, rs in sorted(by_shape.items()):
         latest = max(r["run_id"] for r in rs)
         cur = [r for r in rs if r["run_id"] == latest]
-        ref = {r["peer"]: r for r in cur if "error" not in r}
+        ref = {r["peer"]: r for r in cur if "error" not in r and not r.get("note")}
         hf_loss = ref.get("hf", {}).get("losses", [None])[0]
         uns = ref.get("unsloth", {}).get("tokens_per_s")
         v = cur[0]["versions"]
@@ -51,17 +54,19 @@ def train_step_section(rows: list[dict]) -> list[str]:
                 f"torch {v.get('torch')}, transformers {v.get('transformers')}, peft {v.get('peft')}, "
                 f"bitsandbytes {v.get('bitsandbytes')}, unsloth {v.get('unsloth')}, liger-kernel "
                 f"{v.get('liger-kernel')}, triton {v.get('triton')}, velotune {v.get('velotune_commit')}", "",
-                "| peer | tokens/s | × Unsloth | peak GiB | median step s | first loss | Δ first loss vs HF |",
-                "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                "| peer | tokens/s | × Unsloth | peak alloc GiB | peak reserved GiB | median step s | first loss "
+                "| Δ first loss vs HF |",
+                "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in cur:
             if "error" in r:
-                out.append(f"| {r['peer']} | failed: {r['error'][:120]} | | | | | |")
+                out.append(f"| {r['peer']} | failed: {r['error'][:120]} | | | | | | |")
                 continue
             first = r["losses"][0] if r.get("losses") else None
             ratio = f"{r['tokens_per_s'] / uns:.2f}" if uns else "—"
             delta = f"{first - hf_loss:+.4f}" if first is not None and hf_loss is not None else "—"
-            out.append(f"| {r['peer']} | {_fmt(r['tokens_per_s'], 0)} | {ratio} | {_fmt(r['peak_alloc_gib'], 2)} | "
-                       f"{_fmt(r['median_step_s'], 3)} | {_fmt(first, 4)} | {delta} |")
+            peer = f"{r['peer']} ({r['note']})" if r.get("note") else r["peer"]
+            out.append(f"| {peer} | {_fmt(r['tokens_per_s'], 0)} | {ratio} | {_fmt(r['peak_alloc_gib'], 2)} | "
+                       f"{_fmt(r.get('peak_reserved_gib'), 2)} | {_fmt(r['median_step_s'], 3)} | {_fmt(first, 4)} | {delta} |")
         out.append("")
         older = sorted({r["run_id"] for r in rs} - {latest})
         if older:

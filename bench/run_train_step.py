@@ -82,7 +82,7 @@ def versions() -> dict:
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--shapes", nargs="+", default=["1b", "8b"], choices=sorted(SHAPES))
-    p.add_argument("--peers", nargs="+", default=["velotune", "hf", "unsloth", "liger"])
+    p.add_argument("--peers", nargs="+", default=["velotune", "velotune_eager", "hf", "unsloth", "liger"])
     p.add_argument("--results", required=True, help="JSON-lines file to append rows to")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "velotune-bench"))
     p.add_argument("--steps", type=int, default=10)

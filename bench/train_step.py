@@ -4,7 +4,9 @@ Same step for every peer (issue #3): random-init Llama checkpoint of a real shap
 quantisation, bf16 compute, LoRA r16 alpha16 on all 7 projections, gradient checkpointing on,
 batch 2 x 2048 random tokens (labels = inputs), bitsandbytes AdamW8bit lr 2e-4, bf16 autocast;
 ``--warmup`` untimed steps then ``--steps`` timed ones (CUDA-synchronised wall time per step).
-Prints one JSON row (median step seconds, tokens/s, peak max_memory_allocated, first losses).
+Prints one JSON row (median step seconds, tokens/s, peak max_memory_allocated and
+max_memory_reserved, first losses). ``velotune`` runs with CUDA graphs ("auto": recorded in the first
+warm-up step), ``velotune_eager`` without (the same kernels launched one by one).
 Run each peer in its own process (Unsloth patches transformers at import): bench/run_train_step.py.
 
     python bench/train_step.py --peer hf --ckpt /tmp/llama-1b --json out.json
@@ -32,12 +34,14 @@ def load_peer(peer: str, ckpt: str, seq: int):
         model = FastLanguageModel.get_peft_model(model, r=16, target_modules=TARGETS, lora_alpha=16, lora_dropout=0,
                                                  bias="none", use_gradient_checkpointing="unsloth", random_state=3407)
         return model
-    if peer == "velotune":
-        from velotune import FastLanguageModel
+    if peer in ("velotune", "velotune_eager"):
+        from velotune import FastLanguageModel, set_cuda_graphs
 
         model, _ = FastLanguageModel.from_pretrained(ckpt, max_seq_length=seq, dtype=torch.bfloat16, load_in_4bit=True)
-        return FastLanguageModel.get_peft_model(model, r=16, target_modules=TARGETS, lora_alpha=16, lora_dropout=0,
-                                                bias="none", use_gradient_checkpointing=True, random_state=3407)
+        model = FastLanguageModel.get_peft_model(model, r=16, target_modules=TARGETS, lora_alpha=16, lora_dropout=0,
+                                                 bias="none", use_gradient_checkpointing=True, random_state=3407)
+        set_cuda_graphs(model, "auto" if peer == "velotune" else False)  # auto: recorded in warm-up step 1
+        return model
     if peer == "liger":
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 
@@ -100,14 +104,17 @@ def run(args) -> dict:
     med = statistics.median(times)
     return {
         "peer": args.peer, "median_step_s": round(med, 4), "tokens_per_s": round(args.bs * args.seq / med, 1),
-        "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3), "losses": [round(x, 5) for x in losses[:5]],
+        "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+        # CUDA graphs keep their memory pool reserved and replays bypass the allocator's counters, so the
+        # reserved peak is recorded too (the fair number when one peer uses graphs)
+        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3), "losses": [round(x, 5) for x in losses[:5]],
         "step_times_s": [round(t, 4) for t in times], "load_s": round(load_s, 1), "profile": prof_table,
     }
 
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--peer", required=True, choices=["velotune", "hf", "unsloth", "liger"])
+    p.add_argument("--peer", required=True, choices=["velotune", "velotune_eager", "hf", "unsloth", "liger"])
     p.add_argument("--ckpt", required=True)
     p.add_argument("--bs", type=int, default=2)
     p.add_argument("--seq", type=int, default=2048)

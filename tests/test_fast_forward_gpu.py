@@ -95,7 +95,7 @@ def test_qlora_fast_matches_hf_bf16(tmp_path):
 @pytest.mark.parametrize("use_varlen", [False, True], ids=["block_mask", "varlen"])
 def test_packed_varlen_matches_padded(tmp_path, monkeypatch, use_varlen):
     """Packed rows on CUDA (block mask, or torch's varlen FlashAttention when switched on): same loss and
-    grads as padding. When the varlen case passes on the device, turn attention.USE_VARLEN on."""
+    grads as padding (varlen is the default path for packed rows on CUDA)."""
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     from velotune.models import attention as A
@@ -124,3 +124,36 @@ def test_packed_varlen_matches_padded(tmp_path, monkeypatch, use_varlen):
     assert abs(lp - ld) < 2e-3 * abs(ld)
     for n in gd:
         assert _rel(gp[n], gd[n]) < 3e-2, n  # bf16: different kernels and summation orders
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma"])
+def test_cuda_graphs_train_like_eager(family, tmp_path):
+    """Real capture (models/graphs.py): 4 QLoRA steps with graphs give the eager fast path's losses and
+    weights. Same kernels on the same inputs; only autograd's accumulation order inside a layer's
+    backward may differ, so bf16 values agree to a few ulps, not bit for bit."""
+    from velotune import set_cuda_graphs
+    from velotune.models import graphs
+
+    path = _make(family, tmp_path)
+    runs = {}
+    for mode in (False, True):
+        model = _lora(path, load_in_4bit=True)
+        set_cuda_graphs(model, mode)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        gen = torch.Generator(device="cuda").manual_seed(3)
+        losses = []
+        for _ in range(4):
+            ids = torch.randint(3, 500, (2, 512), device="cuda", generator=gen)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        assert graphs.state_of(model.get_base_model()).captures == int(mode)
+        runs[mode] = losses, {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+        del model, opt
+    (l_e, w_e), (l_g, w_g) = runs[False], runs[True]
+    assert max(abs(a - b) for a, b in zip(l_e, l_g)) < 2e-3, (l_e, l_g)
+    for n in w_e:
+        assert _rel(w_g[n], w_e[n]) < 2e-2, (n, _rel(w_g[n], w_e[n]))

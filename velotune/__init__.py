@@ -10,6 +10,7 @@ from .api import FastLanguageModel
 from .data.alpaca import alpaca_prompt, alpaca_prompt_no_input, format_alpaca, get_alpaca_formatter
 from .data.chat_templates import get_chat_template
 from .data.sharegpt import standardize_sharegpt
+from .models.graphs import set_cuda_graphs
 from .device import MemoryReport, default_dtype, is_bfloat16_supported, memory_report
 from .training.responses_only import train_on_responses_only
 from .training.trainer import SFTTrainer
@@ -24,6 +25,7 @@ __all__ = [
     "default_dtype",
     "memory_report",
     "MemoryReport",
+    "set_cuda_graphs",
     "alpaca_prompt",
     "alpaca_prompt_no_input",
     "format_alpaca",

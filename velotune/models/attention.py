@@ -7,7 +7,7 @@ Which path runs (decided once per forward call, :func:`plan_attention`):
 - packed rows (position_ids restart inside a row: TRL's ``padding_free`` / ``packing`` collators) on
   CUDA: ``torch.nn.attention.varlen.varlen_attn`` (FlashAttention over cumulative sequence lengths;
   no [T, T] mask, attention never crosses an example boundary) when the installed torch has it and
-  ``USE_VARLEN`` is on (off until its GPU test has run; see below);
+  ``USE_VARLEN`` is on (the default; see below);
 - everything else (left padding, eval with padding, sliding windows shorter than the sequence, packed
   rows on CPU or without varlen): SDPA with an explicit [B, 1, T, T] bool mask (exact; T^2 bytes).
 """
@@ -67,16 +67,21 @@ def window_mask(mask, window: int, t: int, device):
 
 @functools.lru_cache(maxsize=1)
 def _varlen():
-    """(varlen_attn, how to ask it for causal attention) or None when torch has no varlen API."""
+    """(varlen_attn, kwargs asking it for causal attention, whether it takes ``enable_gqa``) or None.
+
+    torch's varlen API changed between releases (2.11: ``is_causal``, no GQA flag; 2.13: ``window_size``
+    and ``enable_gqa``); read the installed signature instead of guessing from the version.
+    """
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
     params = inspect.signature(varlen_attn).parameters
+    gqa = "enable_gqa" in params
     if "window_size" in params:
-        return varlen_attn, {"window_size": (-1, 0)}
+        return varlen_attn, {"window_size": (-1, 0)}, gqa
     if "is_causal" in params:
-        return varlen_attn, {"is_causal": True}
+        return varlen_attn, {"is_causal": True}, gqa
     return None
 
 
@@ -92,10 +97,11 @@ class Segments:
         self.max_len = int((self.cu[1:] - self.cu[:-1]).max())
 
 
-# varlen_attn is torch's API but its GPU run here is still pending (the device budget of the session
-# that wrote it was spent): until tests/test_fast_forward_gpu.py::test_packed_varlen_matches_padded has
-# passed on the device, packed rows take the verified block-mask path everywhere.
-USE_VARLEN = False
+# Packed rows on CUDA take varlen_attn when torch has it. Verified on the device (H200, torch 2.11,
+# whose varlen_attn has no enable_gqa: the key/value heads are repeated):
+# tests/test_fast_forward_gpu.py::test_packed_varlen_matches_padded, both paths. Tests flip this to
+# compare the two paths; set it False to force the block-mask SDPA path.
+USE_VARLEN = True
 
 
 def varlen_available(device) -> bool:
@@ -104,11 +110,16 @@ def varlen_available(device) -> bool:
 
 def varlen_attention(q, k, v, segments: Segments, scale: float):
     """Causal attention within each packed example. q [B, Hq, T, D], k/v [B, Hk, T, D] -> [B, Hq, T, D]."""
-    fn, causal = _varlen()
+    fn, causal, takes_gqa = _varlen()
     b, hq, t, d = q.shape
+    extra = dict(causal)
+    if hq != k.shape[1]:
+        if takes_gqa:
+            extra["enable_gqa"] = True
+        else:  # older torch: give every query head its own copy of its key/value head
+            k, v = (x.repeat_interleave(hq // x.shape[1], dim=1) for x in (k, v))
     flat = [x.transpose(1, 2).reshape(b * t, x.shape[1], d) for x in (q, k, v)]
-    out = fn(*flat, segments.cu, segments.cu, segments.max_len, segments.max_len, scale=scale,
-             enable_gqa=hq != k.shape[1], **causal)
+    out = fn(*flat, segments.cu, segments.cu, segments.max_len, segments.max_len, scale=scale, **extra)
     return out.view(b, t, hq, d).transpose(1, 2)
 
 

@@ -287,13 +287,68 @@ def _backbone(self, spec, input_ids, attention_mask, position_ids):
             mask = A.packed_mask(restart, mask, t, x.device)
     plan = _Plan(spec, config, cos, sin, position_ids, mask, restart, segments, activation_of(config, spec))
     gc = getattr(backbone, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled()
-    for layer in backbone.layers[: config.num_hidden_layers]:
-        attn_plan = _layer_attention(layer, config, spec, plan, t, x.device)
+    layers = backbone.layers[: config.num_hidden_layers]
+    attn_plans = [_layer_attention(layer, config, spec, plan, t, x.device) for layer in layers]
+    if gc:
+        out = _graphed_stack(self, layers, x, plan, attn_plans, position_ids)
+        if out is not None:
+            return _norm(out, backbone.norm, plan)
+    for layer, attn_plan in zip(layers, attn_plans):
         if gc:
             x = checkpoint(_layer, layer, x, plan, attn_plan, use_reentrant=False)
         else:
             x = _layer(layer, x, plan, attn_plan)
     return _norm(x, backbone.norm, plan)
+
+
+# ---------------------------------------------------------------------------------- CUDA graphs
+def _graph_fusable(layer, plan) -> bool:
+    """Every projection of the layer on the fused path and no attention dropout: nothing in the layer
+    syncs with the host or draws random numbers, so its kernels can be recorded once and replayed."""
+    attn, mlp = layer.self_attn, layer.mlp
+    if float(getattr(attn, "attention_dropout", 0.0) or 0.0) != 0.0 or plan.activation is None:
+        return False
+    if any(projection(m) is None for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)):
+        return False
+    mods = [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+    return all(m is not None and (p := projection(m)) is not None and p[4] is None for m in mods)
+
+
+def _adapter_signature(model, layers) -> tuple:
+    """What decides which kernels each projection runs and which tensors they read, per LoRA module
+    (merged / disabled / active adapters, and the identity of their weights); checked every call."""
+    mods = model.__dict__.get("_velotune_lora_modules")
+    if mods is None or mods[0] != [id(layer) for layer in layers]:
+        mods = ([id(layer) for layer in layers], [m for layer in layers for m in layer.modules() if is_lora_layer(m)])
+        model.__dict__["_velotune_lora_modules"] = mods
+    sig = []
+    for m in mods[1]:
+        active = tuple(m.active_adapters)
+        weights = tuple((id(m.lora_A[a].weight), id(m.lora_B[a].weight)) for a in active if a in m.lora_A)
+        sig.append((m.merged, m.disable_adapters, active, weights))
+    return tuple(sig)
+
+
+def _graphed_stack(model, layers, x, plan, attn_plans, position_ids):
+    """The decoder stack through CUDA graphs (models/graphs.py), or None for the eager loop."""
+    from . import graphs
+
+    st = graphs.state_of(model)
+    if st.mode is False or st.broken is not None or (x.device.type != "cuda" and not graphs.EMULATE_ON_CPU):
+        return None
+    if plan.mask is not None or plan.restart is not None or plan.segments is not None:
+        return None
+    if any(ap != (None, None) for ap in attn_plans):
+        return None
+    if position_ids is not None and not bool((position_ids[:, 0] == 0).all()):
+        return None  # no restarts (checked above) and a start at 0: positions are 0..T-1
+    static_plan = _Plan(plan.spec, plan.config, plan.cos, plan.sin, None, None, None, None, plan.activation)
+
+    def run_layer(layer, h):
+        return _layer(layer, h, static_plan, (None, None))
+
+    return graphs.run_stack(model, layers, x, run_layer, key_extra=_adapter_signature(model, layers),
+                            check=lambda: all(_graph_fusable(layer, plan) for layer in layers))
 
 
 def install(model) -> bool:

@@ -1,0 +1,166 @@
+"""The CUDA-graph path of the decoder stack (velotune/models/graphs.py), on CPU by emulation.
+
+On CPU a "graph" re-runs the recorded function and copies its results into the same static buffers
+a CUDA graph would write (graphs.EMULATE_ON_CPU), so these tests check everything but the capture:
+the buffer chaining through the stack, the ping-pong of gradients, the parameter gradients handed to
+autograd, gradient accumulation, the one-forward-per-backward guard, and when graphs are (not) used.
+The capture itself runs in tests/test_fast_forward_gpu.py on the device.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.tiny_models import randomize_lora_b
+from velotune import FastLanguageModel, set_cuda_graphs
+from velotune.models import graphs
+
+
+@pytest.fixture
+def emulate(monkeypatch):
+    monkeypatch.setattr(graphs, "EMULATE_ON_CPU", True)
+
+
+def _model(tiny_dir, family="llama", gc=True, **kw):
+    model, tok = FastLanguageModel.from_pretrained(tiny_dir(family), max_seq_length=128, load_in_4bit=False)
+    model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, random_state=3,
+                                             use_gradient_checkpointing=gc, **kw)
+    randomize_lora_b(model, seed=11, std=0.1)
+    model.train()
+    return model
+
+
+def _ids(seed, shape=(2, 24)):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(4, 500, shape, generator=g)
+
+
+def _train(model, steps, shapes=None, accumulate=1):
+    """Losses and final LoRA weights of a few SGD steps (each step `accumulate` micro-batches)."""
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    losses = []
+    for s in range(steps):
+        for m in range(accumulate):
+            ids = _ids(100 * s + m, (shapes or {}).get(s, (2, 24)))
+            loss = model(input_ids=ids, labels=ids).loss
+            (loss / accumulate).backward()
+            losses.append(loss.item())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return losses, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _captures(model):
+    return graphs.state_of(model.get_base_model()).captures
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_graph_path_trains_like_eager(tiny_dir, emulate, family):
+    eager = _model(tiny_dir, family)
+    set_cuda_graphs(eager, False)
+    graphed = _model(tiny_dir, family)
+    set_cuda_graphs(graphed, True)
+    w0 = {n: p.detach().clone() for n, p in eager.named_parameters() if p.requires_grad}
+    l_e, w_e = _train(eager, 4, accumulate=2)
+    l_g, w_g = _train(graphed, 4, accumulate=2)
+    assert _captures(graphed) == 1 and _captures(eager) == 0
+    # same ops on the same data; only autograd's summation order of a few gradients may differ
+    torch.testing.assert_close(torch.tensor(l_g), torch.tensor(l_e), rtol=1e-5, atol=1e-6)
+    assert all(not torch.equal(w_e[n], w0[n]) for n in w0)  # every weight moved: a real comparison
+    for n in w_e:
+        torch.testing.assert_close(w_g[n], w_e[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_auto_records_the_first_shapes_then_stays_eager(tiny_dir, emulate, notices):
+    model = _model(tiny_dir)  # default mode "auto"
+    for length in (24, 24, 16):
+        _train(model, 1, shapes={0: (2, length)})
+    assert _captures(model) == 2  # 24 recorded once and replayed, then 16
+    for length in (8, 12, 20, 24):
+        _train(model, 1, shapes={0: (2, length)})
+    assert _captures(model) == graphs._MAX_CAPTURES == 4
+    assert sum("batch shapes keep changing" in m for m in notices) == 1
+
+
+def test_second_forward_before_backward_raises(tiny_dir, emulate):
+    model = _model(tiny_dir)
+    set_cuda_graphs(model, True)
+    ids = _ids(0)
+    first = model(input_ids=ids, labels=ids).loss
+    model(input_ids=_ids(1), labels=_ids(1)).loss.backward()  # the newest forward is fine
+    with pytest.raises(RuntimeError, match="second forward ran before this backward"):
+        first.backward()
+
+
+def test_not_used_for_padding_mask_eval_or_without_checkpointing(tiny_dir, emulate):
+    model = _model(tiny_dir)
+    set_cuda_graphs(model, True)
+    ids = _ids(0)
+    left_pad = torch.ones_like(ids)
+    left_pad[0, :3] = 0
+    model(input_ids=ids, attention_mask=left_pad, labels=ids).loss.backward()
+    with torch.no_grad():
+        model(input_ids=ids, labels=ids)
+    model.eval()
+    model(input_ids=ids, labels=ids)
+    model.train()
+    packed = torch.cat([torch.arange(10), torch.arange(14)]).expand(2, -1)
+    model(input_ids=ids, position_ids=packed, labels=ids).loss.backward()
+    assert _captures(model) == 0
+    right_pad = torch.ones_like(ids)
+    right_pad[0, -3:] = 0  # right padding in training: causal attention is exact, graphs apply
+    model(input_ids=ids, attention_mask=right_pad, labels=ids).loss.backward()
+    assert _captures(model) == 1
+    no_gc = _model(tiny_dir, gc=False)
+    set_cuda_graphs(no_gc, True)
+    no_gc(input_ids=ids, labels=ids).loss.backward()
+    assert _captures(no_gc) == 0
+
+
+def test_disabling_the_adapter_is_not_replayed_with_it(tiny_dir, emulate):
+    model = _model(tiny_dir)
+    set_cuda_graphs(model, True)
+    ids = _ids(0)
+    with_adapter = model(input_ids=ids, labels=ids).loss
+    with_adapter.backward()
+    with model.disable_adapter():
+        without = model(input_ids=ids, labels=ids).loss
+    set_cuda_graphs(model, False)
+    with model.disable_adapter():
+        reference = model(input_ids=ids, labels=ids).loss
+    assert not torch.allclose(with_adapter, reference)
+    torch.testing.assert_close(without, reference)
+
+
+def test_replaced_parameters_are_recorded_again(tiny_dir, emulate):
+    model = _model(tiny_dir)
+    set_cuda_graphs(model, True)
+    ids = _ids(0)
+    model(input_ids=ids, labels=ids).loss.backward()
+    lora_b = next(m for n, m in model.named_modules() if n.endswith("q_proj.lora_B.default"))
+    lora_b.weight = torch.nn.Parameter(torch.randn_like(lora_b.weight))  # a new tensor, new storage
+    loss = model(input_ids=ids, labels=ids).loss
+    assert _captures(model) == 2
+    set_cuda_graphs(model, False)
+    torch.testing.assert_close(loss, model(input_ids=ids, labels=ids).loss)
+
+
+def test_set_cuda_graphs_rejects_unknown_mode(tiny_dir):
+    model = _model(tiny_dir)
+    with pytest.raises(ValueError, match="use 'auto', True or False"):
+        set_cuda_graphs(model, "always")
+
+
+def test_a_copied_model_records_its_own_graphs(tiny_dir, emulate):
+    import copy
+
+    model = _model(tiny_dir)
+    set_cuda_graphs(model, True)
+    ids = _ids(0)
+    model(input_ids=ids, labels=ids).loss.backward()
+    twin = copy.deepcopy(model)
+    assert _captures(twin) == 0 and graphs.state_of(twin.get_base_model()).mode is True
+    loss = twin(input_ids=ids, labels=ids).loss
+    assert _captures(twin) == 1
+    set_cuda_graphs(model, False)
+    torch.testing.assert_close(loss, model(input_ids=ids, labels=ids).loss)

@@ -1,0 +1,286 @@
+"""CUDA graphs for the decoder stack of a checkpointed training step.
+
+Why: at 1B-8B shapes the fused step is host-bound. Every layer launches ~100 kernels (forward,
+recompute, backward), each costing the CPU 10-100 us in Python, torch's dispatcher and Triton's
+launcher, while the GPU finishes most of them sooner (bench/NOTES.md). A CUDA graph records a
+layer's kernels once and replays them with one call.
+
+What is captured, per decoder layer ``l`` (gradient checkpointing on, so the memory is that of
+recompute):
+
+* forward graph ``F_l``: ``x[l+1] = layer_l(x[l])`` under no_grad. ``x[l]`` are static buffers chained
+  through the stack (F_l reads F_{l-1}'s output), kept until backward exactly as checkpointing keeps
+  each layer's input.
+* backward graph ``B_l``: recompute ``layer_l(x[l])`` with grad, then ``torch.autograd.grad`` of it
+  against the incoming gradient, giving ``dx[l]`` and the gradients of the layer's trainable
+  parameters (LoRA A/B) in static buffers. ``dy``/``dx`` ping-pong between two buffers.
+
+One ``autograd.Function`` runs the stack: forward replays F_0..F_{L-1}, backward replays
+B_{L-1}..B_0 and returns the static parameter gradients (autograd's AccumulateGrad copies or adds
+them into ``.grad``, so gradient accumulation works as usual). All graphs share one memory pool and
+are replayed in capture order, so the recompute temporaries of one layer reuse the memory of the
+previous one.
+
+Numerics are those of the eager fast forward: the same kernels run on the same inputs (the graphs
+are recorded from that code). When graphs are used (all must hold, checked per call):
+CUDA, training, grad enabled, gradient checkpointing on, plain causal attention (no padding mask
+beyond right padding, no packed rows, no sliding window shorter than the batch), positions
+0..T-1, every projection of every layer on the fused LoRA path (no dropout, no 8-bit base). A capture
+costs about two eager steps and is kept per batch shape (one set at a time); ``mode="auto"`` records
+the first few shapes it sees and then stops recording new ones (batches whose length changes every
+step gain nothing: pad them to a fixed length; packed rows are not graphed yet). Otherwise the eager path runs, unchanged.
+
+Measured (H200, 1B shape, bs 2 x 2048, bench/run_train_step.py): 47.8K tokens/s with graphs vs 16.8K
+eager and Unsloth 21.3K in the same session. Open: a capture attempted at the *second* step of the
+benchmark (after one eager step) failed on the GPU ("operation failed due to a previous error during
+capture", in the first backward graph) while captures at the first step, or after eager steps with
+an optimizer in bench/diag_graphs.py, succeed; a failed capture is said once and training continues
+eagerly with the same numerics.
+
+Limits, each checked with a clear error or an eager fallback: one forward per backward (a second
+forward before ``backward()`` overwrites the static buffers, so that backward raises); parameters
+replaced by new tensors (e.g. loading another adapter) are detected and the graphs recaptured.
+"""
+from __future__ import annotations
+
+import collections
+import time
+from typing import Optional
+
+import torch
+
+from .._notices import say, say_once
+
+# "auto": record the first _MAX_CAPTURES batch shapes; True: record every new shape; False: never.
+# Set per model with set_cuda_graphs().
+MODES = ("auto", True, False)
+_MAX_SETS = 1  # graph sets kept per model (each holds its static buffers and a memory pool)
+_MAX_CAPTURES = 4  # per model in "auto": shapes that keep changing stay eager
+_WARMUP_STEPS = 1  # eager runs of each captured piece before capture (Triton compile, cuBLAS init)
+
+# torch.cuda.graph's capture_error_mode (CUDA's stream-capture interaction mode); bench/diag_graphs.py
+# tries the others.
+CAPTURE_ERROR_MODE = "global"
+
+# Tests set this to emulate graphs on CPU: a "replay" then re-runs the recorded function and copies
+# its results into the static buffers, which exercises every part of this file but the capture.
+EMULATE_ON_CPU = False
+
+
+class _Replay:
+    """A recorded piece of work with static outputs: a CUDA graph, or (emulation) the function itself."""
+
+    def __init__(self, fn, pool, emulate: bool):
+        self.fn, self.emulate = fn, emulate
+        if emulate:
+            self.graph = None
+            self.outputs = fn()
+            return
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode=CAPTURE_ERROR_MODE):
+            self.outputs = fn()
+
+    def replay(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+            return
+        for static, new in zip(self.outputs, self.fn()):
+            if static is not None:
+                static.copy_(new)
+
+
+def _capture(fn, pool, emulate: bool, what: str) -> _Replay:
+    try:
+        return _Replay(fn, pool, emulate)
+    except Exception as e:
+        raise RuntimeError(f"while capturing {what}: {type(e).__name__}: {e}") from e
+
+
+class GraphSet:
+    """Forward and backward graphs of every decoder layer for one batch shape."""
+
+    def __init__(self, run_layer, layers, x_example: torch.Tensor, autocast, emulate: bool):
+        self.run_layer, self.layers, self.autocast, self.emulate = run_layer, list(layers), autocast, emulate
+        self.params = [[p for p in layer.parameters() if p.requires_grad] for layer in self.layers]
+        self.flat_params = [p for ps in self.params for p in ps]
+        self.ptrs = self.current_ptrs()
+        self.generation = 0
+        n = len(self.layers)
+        pool = None if emulate else torch.cuda.graph_pool_handle()
+        self.x = [torch.empty_like(x_example)]
+        self.x[0].copy_(x_example)
+        self.dbuf = [torch.empty_like(x_example), torch.empty_like(x_example)]
+        self._warm_up(x_example)
+        self.fwd = []
+        for i in range(n):
+            r = _capture(lambda i=i: (self._forward(i),), pool, emulate, f"the forward of layer {i}")
+            self.fwd.append(r)
+            self.x.append(r.outputs[0])
+        self.bwd = []
+        for i in reversed(range(n)):
+            self.bwd.append(_capture(lambda i=i: self._backward(i), pool, emulate, f"the backward of layer {i}"))
+        # static gradients, in flat_params order (B_{n-1} first in self.bwd)
+        by_layer = {n - 1 - j: r.outputs for j, r in enumerate(self.bwd)}
+        self.flat_grads = [g for i in range(n) for g in by_layer[i][1:]]
+        self.dx = self.dbuf[n % 2]
+
+    def current_ptrs(self):
+        return [(p.data_ptr(), p.requires_grad) for p in self.flat_params]
+
+    def _forward(self, i: int) -> torch.Tensor:
+        with torch.no_grad(), torch.autocast(**self.autocast):
+            return self.run_layer(self.layers[i], self.x[i])
+
+    def _backward(self, i: int):
+        n = len(self.layers)
+        src, dst = self.dbuf[(n - 1 - i) % 2], self.dbuf[(n - i) % 2]
+        with torch.enable_grad():
+            xr = self.x[i].detach().requires_grad_(True)
+            with torch.autocast(**self.autocast):
+                out = self.run_layer(self.layers[i], xr)
+            grads = torch.autograd.grad(out, [xr] + self.params[i], grad_outputs=src, allow_unused=True)
+        dst.copy_(grads[0])
+        return (dst,) + tuple(grads[1:])
+
+    def _warm_up(self, x0: torch.Tensor) -> None:
+        """Run every piece eagerly once, exactly as it will be captured (the no-grad forward and the
+        recompute + backward), so each kernel variant is compiled and each library plan built before
+        capture: nothing may load a module or allocate a library workspace while capturing."""
+        if self.emulate:
+            return
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(_WARMUP_STEPS):
+                x = x0
+                for layer in self.layers:
+                    with torch.no_grad(), torch.autocast(**self.autocast):
+                        self.run_layer(layer, x)
+                    with torch.enable_grad():
+                        xr = x.detach().requires_grad_(True)
+                        with torch.autocast(**self.autocast):
+                            out = self.run_layer(layer, xr)
+                        torch.autograd.grad(out, [xr] + [p for p in layer.parameters() if p.requires_grad],
+                                            grad_outputs=torch.ones_like(out), allow_unused=True)
+                    x = out.detach()
+        torch.cuda.current_stream().wait_stream(side)
+
+
+class _StackFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gs: GraphSet, x0, *params):
+        gs.x[0].copy_(x0)
+        for r in gs.fwd:
+            r.replay()
+        gs.generation += 1
+        ctx.gs, ctx.generation = gs, gs.generation
+        return gs.x[-1].clone()
+
+    @staticmethod
+    def backward(ctx, dy):
+        gs = ctx.gs
+        if ctx.generation != gs.generation:
+            raise RuntimeError(
+                "velotune CUDA graphs: a second forward ran before this backward and overwrote the "
+                "layers' saved inputs. Call backward() after each training forward, or turn graphs "
+                "off for this model: velotune.set_cuda_graphs(model, False)")
+        gs.dbuf[0].copy_(dy)
+        for r in gs.bwd:
+            r.replay()
+        dx = gs.dx.clone() if ctx.needs_input_grad[1] else None
+        return (None, dx, *gs.flat_grads)
+
+
+class _State:
+    def __init__(self, mode):
+        self.mode = mode
+        self.sets: "collections.OrderedDict[tuple, GraphSet]" = collections.OrderedDict()
+        self.captures = 0
+        self.broken: Optional[str] = None
+
+    def __deepcopy__(self, memo):
+        return _State(self.mode)  # a copied model records its own graphs (CUDA graphs cannot be copied)
+
+    def __getstate__(self):
+        return {"mode": self.mode}
+
+    def __setstate__(self, state):
+        self.__init__(state["mode"])
+
+
+def state_of(model) -> _State:
+    """The model's graph state (mode, captured sets); created on first use."""
+    st = model.__dict__.get("_velotune_graphs")
+    if st is None:
+        st = model.__dict__["_velotune_graphs"] = _State("auto")
+    return st
+
+
+def set_cuda_graphs(model, mode) -> None:
+    """CUDA graphs for the decoder layers of training steps: ``"auto"`` (default), ``True`` or ``False``.
+
+    ``"auto"`` records each new batch shape at first sight, up to 4 shapes per model, then runs new
+    shapes eagerly (a fixed shape, e.g. from ``pad_to_multiple_of``, gets graphs from step 1);
+    ``True`` records every new shape; ``False`` never (the eager fast forward; same numerics). Only one
+    shape's graphs are kept at a time. Changing the mode drops captured graphs and their memory.
+    Conditions and limits: ``velotune/models/graphs.py``.
+    """
+    if mode not in MODES:
+        raise ValueError(f"set_cuda_graphs(mode={mode!r}): use 'auto', True or False")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if "_velotune_fast" not in base.__dict__:
+        raise ValueError("set_cuda_graphs: this model has no velotune fast forward (load it with FastLanguageModel)")
+    base.__dict__["_velotune_graphs"] = _State(mode)
+
+
+def _autocast_state(device_type: str) -> dict:
+    on = torch.is_autocast_enabled(device_type)
+    dtype = torch.get_autocast_dtype(device_type)
+    # cache off: a cached cast made during capture would be a tensor the graph reads but nobody owns
+    return {"device_type": device_type, "dtype": dtype, "enabled": on, "cache_enabled": False}
+
+
+def run_stack(model, layers, x: torch.Tensor, run_layer, key_extra=(), check=lambda: True) -> Optional[torch.Tensor]:
+    """The stack's output through CUDA graphs, or None when the eager path should run.
+
+    ``run_layer(layer, x)`` is the eager layer (its attention plan must hold only tensors that live as
+    long as the model, e.g. the cached RoPE tables); ``key_extra`` is anything else that decides which
+    kernels a layer runs (the adapters' state); ``check()`` says whether every layer can be recorded,
+    asked once before a capture.
+    """
+    st = state_of(model)
+    if st.mode is False or st.broken is not None:
+        return None
+    emulate = x.device.type != "cuda"
+    if emulate and not EMULATE_ON_CPU:
+        return None
+    ac = _autocast_state(x.device.type)
+    key = (tuple(x.shape), x.dtype, str(x.device), ac["enabled"], ac["dtype"], len(layers), key_extra)
+    gs = st.sets.get(key)
+    if gs is not None and gs.current_ptrs() != gs.ptrs:
+        del st.sets[key]  # parameters were replaced or (un)frozen: record again
+        gs = None
+    if gs is None:
+        if st.mode == "auto" and st.captures >= _MAX_CAPTURES:
+            say_once(f"graphs-shapes-{id(st)}", "CUDA graphs: batch shapes keep changing, so new shapes run without "
+                     "graphs; pad batches to a fixed length (e.g. pad_to_multiple_of) to get them")
+            return None
+        if not check():
+            return None
+        while len(st.sets) >= _MAX_SETS:
+            st.sets.popitem(last=False)
+        t = time.perf_counter()
+        try:
+            gs = GraphSet(run_layer, layers, x.detach(), ac, emulate)
+        except Exception as e:  # noqa: BLE001 - any capture failure: say why, stay eager (same numerics)
+            st.broken = f"{type(e).__name__}: {e}"
+            say(f"CUDA graphs could not be captured ({st.broken[:300]}); training continues without them "
+                "(same numerics, slower). Please report this with `velotune env`.")
+            return None
+        st.captures += 1
+        st.sets[key] = gs
+        say(f"CUDA graphs: captured {len(layers)} layers for batch {tuple(x.shape[:2])} in "
+            f"{time.perf_counter() - t:.1f} s")
+    else:
+        st.sets.move_to_end(key)
+    return _StackFunction.apply(gs, x, *gs.flat_params)
