@@ -40,10 +40,10 @@ def _make(family, tmp_path):
     return str(tmp_path)
 
 
-def _lora(path, load_in_4bit):
+def _lora(path, load_in_4bit, gc=True):
     model, _ = FastLanguageModel.from_pretrained(path, dtype=torch.bfloat16, load_in_4bit=load_in_4bit,
                                                  max_seq_length=1024)
-    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, use_gradient_checkpointing=True)
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, use_gradient_checkpointing=gc)
     randomize_lora_b(model, seed=5, std=0.02)
     return model.train()
 
@@ -126,19 +126,23 @@ def test_packed_varlen_matches_padded(tmp_path, monkeypatch, use_varlen):
         assert _rel(gp[n], gd[n]) < 3e-2, n  # bf16: different kernels and summation orders
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma"])
-def test_cuda_graphs_train_like_eager(family, tmp_path):
-    """Real capture (models/graphs.py): 4 QLoRA steps with graphs give the eager fast path's losses and
-    weights. Same kernels on the same inputs; only autograd's accumulation order inside a layer's
+@pytest.mark.parametrize("family,gc,graphed", [("llama", True, True), ("qwen3", True, True), ("gemma", True, True),
+                                                ("llama", "unsloth", True), ("llama", "unsloth", False)],
+                         ids=["llama", "qwen3", "gemma", "llama-offload-graphs", "llama-offload-eager"])
+def test_cuda_graphs_train_like_eager(family, gc, graphed, tmp_path, monkeypatch):
+    """Real capture (models/graphs.py), and offloaded checkpointing (ring + host copies in the graphs,
+    or models/offload.py without graphs): 4 QLoRA steps give the recompute path's losses and weights. Same kernels on the same inputs; only autograd's accumulation order inside a layer's
     backward may differ, so bf16 values agree to a few ulps, not bit for bit."""
     from velotune import set_cuda_graphs
-    from velotune.models import graphs
+    from velotune.models import graphs, offload
 
+    monkeypatch.setattr(offload, "ENABLED_ON_CUDA", True)  # until this test has passed, off by default
     path = _make(family, tmp_path)
     runs = {}
     for mode in (False, True):
-        model = _lora(path, load_in_4bit=True)
-        set_cuda_graphs(model, mode)
+        # the reference: recompute checkpointing, no graphs; the other: graphs and/or offloading
+        model = _lora(path, load_in_4bit=True, gc=gc if mode else True)
+        set_cuda_graphs(model, graphed and mode)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         gen = torch.Generator(device="cuda").manual_seed(3)
         losses = []
@@ -150,7 +154,7 @@ def test_cuda_graphs_train_like_eager(family, tmp_path):
             opt.step()
             opt.zero_grad(set_to_none=True)
             losses.append(loss.item())
-        assert graphs.state_of(model.get_base_model()).captures == int(mode)
+        assert graphs.state_of(model.get_base_model()).captures == int(graphed and mode)
         runs[mode] = losses, {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
         del model, opt
     (l_e, w_e), (l_g, w_g) = runs[False], runs[True]

@@ -18,7 +18,10 @@ from velotune.models import graphs
 
 @pytest.fixture
 def emulate(monkeypatch):
+    from velotune.models import offload
+
     monkeypatch.setattr(graphs, "EMULATE_ON_CPU", True)
+    monkeypatch.setattr(offload, "ON_CPU", True)  # "unsloth" / "offload" take the offload paths
 
 
 def _model(tiny_dir, family="llama", gc=True, **kw):
@@ -54,16 +57,19 @@ def _captures(model):
     return graphs.state_of(model.get_base_model()).captures
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_graph_path_trains_like_eager(tiny_dir, emulate, family):
+@pytest.mark.parametrize("family,gc", [("llama", True), ("qwen3", True), ("llama", "unsloth"), ("qwen3", "offload")])
+def test_graph_path_trains_like_eager(tiny_dir, emulate, family, gc):
+    """gc=True: static buffer per layer input; "unsloth"/"offload": ring of three slots + host copies."""
     eager = _model(tiny_dir, family)
     set_cuda_graphs(eager, False)
-    graphed = _model(tiny_dir, family)
+    graphed = _model(tiny_dir, family, gc=gc)
     set_cuda_graphs(graphed, True)
     w0 = {n: p.detach().clone() for n, p in eager.named_parameters() if p.requires_grad}
     l_e, w_e = _train(eager, 4, accumulate=2)
     l_g, w_g = _train(graphed, 4, accumulate=2)
     assert _captures(graphed) == 1 and _captures(eager) == 0
+    gs = next(iter(graphs.state_of(graphed.get_base_model()).sets.values()))
+    assert gs.offload == (gc != True) and (gs.x is None) == gs.offload  # noqa: E712
     # same ops on the same data; only autograd's summation order of a few gradients may differ
     torch.testing.assert_close(torch.tensor(l_g), torch.tensor(l_e), rtol=1e-5, atol=1e-6)
     assert all(not torch.equal(w_e[n], w0[n]) for n in w0)  # every weight moved: a real comparison
@@ -164,3 +170,24 @@ def test_a_copied_model_records_its_own_graphs(tiny_dir, emulate):
     assert _captures(twin) == 1
     set_cuda_graphs(model, False)
     torch.testing.assert_close(loss, model(input_ids=ids, labels=ids).loss)
+
+
+def test_offloaded_checkpointing_without_graphs_trains_like_recompute(tiny_dir, monkeypatch):
+    """The eager offload Function (models/offload.py): layer input to "host", recompute in backward."""
+    from velotune.models import offload
+
+    monkeypatch.setattr(offload, "ON_CPU", True)
+    calls = []
+    real = offload.OffloadedCheckpoint.forward
+    monkeypatch.setattr(offload.OffloadedCheckpoint, "forward",
+                        staticmethod(lambda ctx, *a: calls.append(1) or real(ctx, *a)))
+    plain = _model(tiny_dir)
+    set_cuda_graphs(plain, False)
+    offloaded = _model(tiny_dir, gc="unsloth")
+    set_cuda_graphs(offloaded, False)
+    l_p, w_p = _train(plain, 3, accumulate=2)
+    l_o, w_o = _train(offloaded, 3, accumulate=2)
+    assert len(calls) == 3 * 2 * 2  # steps x micro-batches x layers: every layer took the offload path
+    torch.testing.assert_close(torch.tensor(l_o), torch.tensor(l_p), rtol=1e-5, atol=1e-6)
+    for n in w_p:
+        torch.testing.assert_close(w_o[n], w_p[n], rtol=1e-5, atol=1e-6, msg=n)

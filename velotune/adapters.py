@@ -114,11 +114,18 @@ def validate_gc(value) -> None:
 def gradient_checkpointing_mode(value) -> bool:
     """Map the user's value to what runs today; says once what a synonym means."""
     validate_gc(value)
-    if value in ("unsloth", "offload", "auto"):
+    if value in ("unsloth", "offload"):
         say_once(
             "gc-offload",
-            f"use_gradient_checkpointing={value!r}: offloaded checkpointing is not implemented yet; "
-            "using recompute checkpointing (same numerics, more GPU memory than offloading)",
+            f"use_gradient_checkpointing={value!r}: offloaded checkpointing (layer inputs in pinned host memory) "
+            "is written but awaits its GPU test; using recompute checkpointing (same numerics, more GPU memory)",
+        )
+        return True
+    if value == "auto":
+        say_once(
+            "gc-auto",
+            "use_gradient_checkpointing='auto': the memory planner is not implemented yet; using recompute "
+            "checkpointing (same numerics; 'unsloth' / 'offload' keep layer inputs in host memory instead)",
         )
         return True
     return bool(value)

@@ -34,6 +34,7 @@ from ..kernels.lora import lora_linear, lora_mlp, lora_qkv
 from ..kernels.rms_norm import rms_norm
 from ..kernels.rope import rope, rope_cos_sin
 from . import attention as A
+from . import offload as offload_mod
 from .registry import FamilySpec, activation_of, family_of
 
 _STATIC_ROPE = {"default", "linear", "llama3", "yarn", "longrope"}
@@ -289,12 +290,15 @@ def _backbone(self, spec, input_ids, attention_mask, position_ids):
     gc = getattr(backbone, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled()
     layers = backbone.layers[: config.num_hidden_layers]
     attn_plans = [_layer_attention(layer, config, spec, plan, t, x.device) for layer in layers]
+    offload = gc and _offload_requested(self) and offload_mod.available(x)
     if gc:
-        out = _graphed_stack(self, layers, x, plan, attn_plans, position_ids)
+        out = _graphed_stack(self, layers, x, plan, attn_plans, position_ids, offload)
         if out is not None:
             return _norm(out, backbone.norm, plan)
     for layer, attn_plan in zip(layers, attn_plans):
-        if gc:
+        if offload and _graph_fusable(layer, plan):
+            x = offload_mod.offloaded_layer(lambda m, h, ap=attn_plan: _layer(m, h, plan, ap), layer, x)
+        elif gc:
             x = checkpoint(_layer, layer, x, plan, attn_plan, use_reentrant=False)
         else:
             x = _layer(layer, x, plan, attn_plan)
@@ -329,7 +333,13 @@ def _adapter_signature(model, layers) -> tuple:
     return tuple(sig)
 
 
-def _graphed_stack(model, layers, x, plan, attn_plans, position_ids):
+def _offload_requested(model) -> bool:
+    """use_gradient_checkpointing="unsloth" / "offload": layer inputs go to pinned host memory."""
+    st = getattr(model, "_velotune", None)
+    return getattr(st, "gradient_checkpointing", None) in ("unsloth", "offload")
+
+
+def _graphed_stack(model, layers, x, plan, attn_plans, position_ids, offload=False):
     """The decoder stack through CUDA graphs (models/graphs.py), or None for the eager loop."""
     from . import graphs
 
@@ -348,7 +358,7 @@ def _graphed_stack(model, layers, x, plan, attn_plans, position_ids):
         return _layer(layer, h, static_plan, (None, None))
 
     return graphs.run_stack(model, layers, x, run_layer, key_extra=_adapter_signature(model, layers),
-                            check=lambda: all(_graph_fusable(layer, plan) for layer in layers))
+                            check=lambda: all(_graph_fusable(layer, plan) for layer in layers), offload=offload)
 
 
 def install(model) -> bool:

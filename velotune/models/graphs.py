@@ -96,26 +96,47 @@ def _capture(fn, pool, emulate: bool, what: str) -> _Replay:
         raise RuntimeError(f"while capturing {what}: {type(e).__name__}: {e}") from e
 
 
-class GraphSet:
-    """Forward and backward graphs of every decoder layer for one batch shape."""
+_RING = 3  # GPU slots for layer inputs when they are offloaded (x[l] lives in slot l % 3)
 
-    def __init__(self, run_layer, layers, x_example: torch.Tensor, autocast, emulate: bool):
+
+class GraphSet:
+    """Forward and backward graphs of every decoder layer for one batch shape.
+
+    ``offload=False``: each layer input ``x[l]`` has its own static GPU buffer (what checkpointing keeps).
+    ``offload=True`` (``use_gradient_checkpointing="unsloth"`` / ``"offload"``): layer inputs pass through
+    a ring of three GPU slots; after the forward graph that produces ``x[l]``, a side stream copies it to
+    pinned host memory while the next layers run, and the backward copies it back one layer ahead of
+    its graph. GPU memory for checkpoints drops from ``L + 1`` activations to three.
+    """
+
+    def __init__(self, run_layer, layers, x_example: torch.Tensor, autocast, emulate: bool, offload: bool = False):
         self.run_layer, self.layers, self.autocast, self.emulate = run_layer, list(layers), autocast, emulate
+        self.offload = offload
         self.params = [[p for p in layer.parameters() if p.requires_grad] for layer in self.layers]
         self.flat_params = [p for ps in self.params for p in ps]
         self.ptrs = self.current_ptrs()
         self.generation = 0
         n = len(self.layers)
         pool = None if emulate else torch.cuda.graph_pool_handle()
-        self.x = [torch.empty_like(x_example)]
-        self.x[0].copy_(x_example)
+        if offload:
+            self.ring = [torch.empty_like(x_example) for _ in range(_RING)]
+            pin = not emulate
+            self.host = [torch.empty(x_example.shape, dtype=x_example.dtype, device="cpu", pin_memory=pin)
+                         for _ in range(n)]
+            self.side = None if emulate else torch.cuda.Stream()
+            self.slot_free = [None] * _RING  # event: the slot's last offload copy has finished
+            self.ready = [None] * n  # event: host[l] is back in its slot
+        self.x = [torch.empty_like(x_example)] if not offload else None
+        if not offload:
+            self.x[0].copy_(x_example)
         self.dbuf = [torch.empty_like(x_example), torch.empty_like(x_example)]
         self._warm_up(x_example)
         self.fwd = []
         for i in range(n):
-            r = _capture(lambda i=i: (self._forward(i),), pool, emulate, f"the forward of layer {i}")
+            r = _capture(lambda i=i: self._forward(i), pool, emulate, f"the forward of layer {i}")
             self.fwd.append(r)
-            self.x.append(r.outputs[0])
+            if not offload:
+                self.x.append(r.outputs[0])
         self.bwd = []
         for i in reversed(range(n)):
             self.bwd.append(_capture(lambda i=i: self._backward(i), pool, emulate, f"the backward of layer {i}"))
@@ -124,23 +145,97 @@ class GraphSet:
         self.flat_grads = [g for i in range(n) for g in by_layer[i][1:]]
         self.dx = self.dbuf[n % 2]
 
+    def close(self) -> None:
+        """Before the set is dropped: the main stream waits for pending host copies on the side stream."""
+        if self.offload and self.side is not None:
+            torch.cuda.current_stream().wait_stream(self.side)
+
     def current_ptrs(self):
         return [(p.data_ptr(), p.requires_grad) for p in self.flat_params]
 
-    def _forward(self, i: int) -> torch.Tensor:
+    def input_of(self, i: int) -> torch.Tensor:
+        """The static GPU buffer that holds layer ``i``'s input (``i == len(layers)``: the output)."""
+        return self.ring[i % _RING] if self.offload else self.x[i]
+
+    def _forward(self, i: int):
         with torch.no_grad(), torch.autocast(**self.autocast):
-            return self.run_layer(self.layers[i], self.x[i])
+            out = self.run_layer(self.layers[i], self.input_of(i))
+            if self.offload:
+                self.input_of(i + 1).copy_(out)
+                return ()
+            return (out,)
 
     def _backward(self, i: int):
         n = len(self.layers)
         src, dst = self.dbuf[(n - 1 - i) % 2], self.dbuf[(n - i) % 2]
         with torch.enable_grad():
-            xr = self.x[i].detach().requires_grad_(True)
+            xr = self.input_of(i).detach().requires_grad_(True)
             with torch.autocast(**self.autocast):
                 out = self.run_layer(self.layers[i], xr)
             grads = torch.autograd.grad(out, [xr] + self.params[i], grad_outputs=src, allow_unused=True)
         dst.copy_(grads[0])
         return (dst,) + tuple(grads[1:])
+
+    # -- one step ------------------------------------------------------------------------------
+    def run_forward(self, x0: torch.Tensor) -> torch.Tensor:
+        n = len(self.layers)
+        self.input_of(0).copy_(x0)
+        for i in range(n):
+            if self.offload:
+                self._offload(i)  # x[i] to the host while layer i runs
+                self._wait_slot_free(i + 1)  # layer i overwrites the slot of x[i - 2]
+            self.fwd[i].replay()
+        return self.input_of(n).clone()
+
+    def run_backward(self, dy: torch.Tensor) -> None:
+        n = len(self.layers)
+        self.dbuf[0].copy_(dy)
+        if self.offload:
+            self._fetch(n - 1)
+        for j, r in enumerate(self.bwd):
+            i = n - 1 - j
+            if self.offload:
+                if i > 0:
+                    self._fetch(i - 1)  # one layer ahead, into a slot layer i does not read
+                self._wait_ready(i)
+            r.replay()
+
+    def _offload(self, i: int) -> None:
+        slot, host = self.input_of(i), self.host[i]
+        if self.side is None:
+            host.copy_(slot)
+            return
+        main = torch.cuda.current_stream()
+        self.side.wait_stream(main)
+        with torch.cuda.stream(self.side):
+            host.copy_(slot, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(self.side)
+        self.slot_free[i % _RING] = ev
+
+    def _wait_slot_free(self, i: int) -> None:
+        ev = self.slot_free[i % _RING]
+        if ev is not None:
+            torch.cuda.current_stream().wait_event(ev)
+            self.slot_free[i % _RING] = None
+
+    def _fetch(self, i: int) -> None:
+        slot, host = self.input_of(i), self.host[i]
+        if self.side is None:
+            slot.copy_(host)
+            return
+        # the slot's previous reader (the backward graph of layer i + 3) ran on the main stream
+        self.side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.side):
+            slot.copy_(host, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(self.side)
+        self.ready[i] = ev
+
+    def _wait_ready(self, i: int) -> None:
+        if self.side is not None and self.ready[i] is not None:
+            torch.cuda.current_stream().wait_event(self.ready[i])
+            self.ready[i] = None
 
     def _warm_up(self, x0: torch.Tensor) -> None:
         """Run every piece eagerly once, exactly as it will be captured (the no-grad forward and the
@@ -169,12 +264,10 @@ class GraphSet:
 class _StackFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gs: GraphSet, x0, *params):
-        gs.x[0].copy_(x0)
-        for r in gs.fwd:
-            r.replay()
+        out = gs.run_forward(x0)
         gs.generation += 1
         ctx.gs, ctx.generation = gs, gs.generation
-        return gs.x[-1].clone()
+        return out
 
     @staticmethod
     def backward(ctx, dy):
@@ -184,9 +277,7 @@ class _StackFunction(torch.autograd.Function):
                 "velotune CUDA graphs: a second forward ran before this backward and overwrote the "
                 "layers' saved inputs. Call backward() after each training forward, or turn graphs "
                 "off for this model: velotune.set_cuda_graphs(model, False)")
-        gs.dbuf[0].copy_(dy)
-        for r in gs.bwd:
-            r.replay()
+        gs.run_backward(dy)
         dx = gs.dx.clone() if ctx.needs_input_grad[1] else None
         return (None, dx, *gs.flat_grads)
 
@@ -240,13 +331,14 @@ def _autocast_state(device_type: str) -> dict:
     return {"device_type": device_type, "dtype": dtype, "enabled": on, "cache_enabled": False}
 
 
-def run_stack(model, layers, x: torch.Tensor, run_layer, key_extra=(), check=lambda: True) -> Optional[torch.Tensor]:
+def run_stack(model, layers, x: torch.Tensor, run_layer, key_extra=(), check=lambda: True,
+              offload: bool = False) -> Optional[torch.Tensor]:
     """The stack's output through CUDA graphs, or None when the eager path should run.
 
     ``run_layer(layer, x)`` is the eager layer (its attention plan must hold only tensors that live as
     long as the model, e.g. the cached RoPE tables); ``key_extra`` is anything else that decides which
     kernels a layer runs (the adapters' state); ``check()`` says whether every layer can be recorded,
-    asked once before a capture.
+    asked once before a capture; ``offload`` keeps layer inputs in pinned host memory (GraphSet).
     """
     st = state_of(model)
     if st.mode is False or st.broken is not None:
@@ -255,10 +347,10 @@ def run_stack(model, layers, x: torch.Tensor, run_layer, key_extra=(), check=lam
     if emulate and not EMULATE_ON_CPU:
         return None
     ac = _autocast_state(x.device.type)
-    key = (tuple(x.shape), x.dtype, str(x.device), ac["enabled"], ac["dtype"], len(layers), key_extra)
+    key = (tuple(x.shape), x.dtype, str(x.device), ac["enabled"], ac["dtype"], len(layers), offload, key_extra)
     gs = st.sets.get(key)
     if gs is not None and gs.current_ptrs() != gs.ptrs:
-        del st.sets[key]  # parameters were replaced or (un)frozen: record again
+        st.sets.pop(key).close()  # parameters were replaced or (un)frozen: record again
         gs = None
     if gs is None:
         if st.mode == "auto" and st.captures >= _MAX_CAPTURES:
@@ -268,10 +360,10 @@ def run_stack(model, layers, x: torch.Tensor, run_layer, key_extra=(), check=lam
         if not check():
             return None
         while len(st.sets) >= _MAX_SETS:
-            st.sets.popitem(last=False)
+            st.sets.popitem(last=False)[1].close()
         t = time.perf_counter()
         try:
-            gs = GraphSet(run_layer, layers, x.detach(), ac, emulate)
+            gs = GraphSet(run_layer, layers, x.detach(), ac, emulate, offload=offload)
         except Exception as e:  # noqa: BLE001 - any capture failure: say why, stay eager (same numerics)
             st.broken = f"{type(e).__name__}: {e}"
             say(f"CUDA graphs could not be captured ({st.broken[:300]}); training continues without them "
@@ -280,7 +372,7 @@ def run_stack(model, layers, x: torch.Tensor, run_layer, key_extra=(), check=lam
         st.captures += 1
         st.sets[key] = gs
         say(f"CUDA graphs: captured {len(layers)} layers for batch {tuple(x.shape[:2])} in "
-            f"{time.perf_counter() - t:.1f} s")
+            f"{time.perf_counter() - t:.1f} s" + (" (layer inputs offloaded to host memory)" if offload else ""))
     else:
         st.sets.move_to_end(key)
     return _StackFunction.apply(gs, x, *gs.flat_params)
