@@ -155,3 +155,64 @@ def test_bf16_autocast_no_worse_than_hf(tiny_dir, family):
         e_fast = ((fast[n] - ref[n]).norm() / ref[n].norm()).item()
         # 1.5x + 1e-2: fused LoRA runs A/B in bf16 where PEFT keeps them fp32 (measured <= 1.2x)
         assert e_fast <= 1.5 * e_hf + 1e-2, (n, e_fast, e_hf)
+
+
+@pytest.mark.parametrize("load_in_4bit", [False, True], ids=["16bit", "4bit"])
+def test_gemma2_matches_hf_eager(tiny_dir, load_in_4bit):
+    """Gemma-2: sandwich norms, soft-capped attention logits and final logits, a sliding window on
+    the first layer shorter than the batch, (1 + w) norms. HF's SDPA path skips the attention softcap,
+    so the reference is HF's eager attention (what HF recommends for Gemma-2)."""
+    model, tok = FastLanguageModel.from_pretrained(tiny_dir("gemma2"), load_in_4bit=load_in_4bit,
+                                                   max_seq_length=128, attn_implementation="eager")
+    model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, random_state=3)
+    randomize_lora_b(model, seed=11, std=0.1)
+    model.train()
+    batch, labels = _batch(tok)
+    assert batch["input_ids"].shape[1] > model.config.sliding_window
+    loss_hf, g_hf = _run(model, False, batch, labels)
+    loss_fast, g_fast = _run(model, True, batch, labels)
+    torch.testing.assert_close(loss_fast, loss_hf, rtol=RTOL, atol=ATOL)
+    assert len(g_hf) == 2 * 2 * 7
+    for n in g_hf:
+        assert g_hf[n].abs().sum() > 0, n
+        torch.testing.assert_close(g_fast[n], g_hf[n], rtol=RTOL, atol=ATOL, msg=n)
+    # the caps matter for this model: without them the loss moves (so the test can see them)
+    attn = model.get_base_model().model.layers[0].self_attn
+    for layer in model.get_base_model().model.layers:
+        layer.self_attn.attn_logit_softcapping = None
+    uncapped, _ = _run(model, True, batch, labels)
+    assert abs(uncapped - loss_hf) > 1e-3, (uncapped, loss_hf)
+    assert attn.attn_logit_softcapping is None
+
+
+def test_gemma2_eval_logits_and_packed_rows(tiny_dir):
+    """Eval logits (final softcap applied) equal HF's; packed rows equal the same examples padded."""
+    model, tok = FastLanguageModel.from_pretrained(tiny_dir("gemma2"), load_in_4bit=False, max_seq_length=128,
+                                                   attn_implementation="eager")
+    model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, random_state=3)
+    randomize_lora_b(model, seed=11, std=0.1)
+    model.eval()
+    batch, _ = _batch(tok)
+    with torch.no_grad():
+        set_fast_forward(model, False)
+        hf = model(**batch).logits
+        set_fast_forward(model, True)
+        fast = model(**batch, labels=batch["input_ids"]).logits
+    real = batch["attention_mask"].bool()
+    assert hf.abs().max() <= 3.0 + 1e-5  # the final cap is in force
+    torch.testing.assert_close(fast[real], hf[real], rtol=RTOL, atol=1e-5)
+    model.train()
+    ids = [tok(t)["input_ids"] for t in ("one two three four five six seven eight nine ten", "a b c d e f g h i")]
+    packed = torch.tensor([ids[0] + ids[1]])
+    pos = torch.tensor([list(range(len(ids[0]))) + list(range(len(ids[1])))])
+    lab = packed.clone()
+    lab[0, len(ids[0])] = -100  # no label across the boundary
+    set_fast_forward(model, True)
+    loss_packed = model(input_ids=packed, position_ids=pos, labels=lab).loss
+    losses, counts = [], []
+    for seq in ids:
+        t = torch.tensor([seq])
+        out = model(input_ids=t, labels=t)
+        losses.append(out.loss * (len(seq) - 1))
+        counts.append(len(seq) - 1)
+    torch.testing.assert_close(loss_packed, sum(losses) / sum(counts), rtol=1e-5, atol=1e-6)

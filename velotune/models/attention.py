@@ -129,6 +129,25 @@ def sdpa(q, k, v, mask, scale: float, dropout: float):
                                           scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
+def softcap_attention(q, k, v, mask, scale: float, softcap: float, dropout: float):
+    """Attention with soft-capped logits (Gemma-2), computed explicitly as HF's eager path does:
+    ``softmax(cap * tanh(q k^T * scale / cap))`` in fp32, then ``@ v``. q [B, Hq, T, D], k/v [B, Hk, T, D];
+    ``mask`` a bool [B or 1, 1, T, T] (True = may attend) or None for causal. Memory O(T^2) per head."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q, k.transpose(2, 3)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    t = q.shape[2]
+    if mask is None:
+        mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    if dropout:
+        probs = F.dropout(probs, p=dropout, training=True)
+    return torch.matmul(probs, v)
+
+
 def note_packed_path(device) -> None:
     if varlen_available(device):
         say_once("packed-varlen", "packed batch: attention via torch varlen_attn (FlashAttention, per example)")

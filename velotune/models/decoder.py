@@ -135,7 +135,12 @@ def _attention(layer, h, plan, attn_plan):
     q, k = rope(q, k, plan.cos, plan.sin, plan.position_ids, layout="bhtd")
     dropout = float(getattr(attn, "attention_dropout", 0.0) or 0.0) if layer.training else 0.0
     mask, segments = attn_plan
-    if segments is not None and dropout == 0.0:
+    softcap = getattr(attn, "attn_logit_softcapping", None) if plan.spec.attn_softcap else None
+    if softcap:
+        if segments is not None:  # packed rows: the explicit path takes the block mask
+            mask = A.packed_mask(plan.restart, None, q.shape[2], q.device)
+        out = A.softcap_attention(q, k, v, mask, attn.scaling, softcap, dropout)
+    elif segments is not None and dropout == 0.0:
         out = A.varlen_attention(q, k, v, segments, attn.scaling)
     else:
         if segments is not None:  # attention dropout: varlen has none, take the block mask
@@ -155,7 +160,12 @@ def _mlp(layer, h, plan):
 
 def _layer(layer, x, plan, attn_plan):
     h = _norm(x, layer.input_layernorm, plan)
-    x = x + _attention(layer, h, plan, attn_plan)
+    a = _attention(layer, h, plan, attn_plan)
+    if plan.spec.sandwich_norms:  # Gemma-2: outputs normed before their residual add
+        x = x + _norm(a, layer.post_attention_layernorm, plan)
+        h = _norm(x, layer.pre_feedforward_layernorm, plan)
+        return x + _norm(_mlp(layer, h, plan), layer.post_feedforward_layernorm, plan)
+    x = x + a
     h = _norm(x, layer.post_attention_layernorm, plan)
     return x + _mlp(layer, h, plan)
 

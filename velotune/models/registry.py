@@ -20,6 +20,12 @@ class FamilySpec:
     activation_attr: config field naming the MLP activation (HF ACT2FN name).
     qk_norm: per-head RMSNorm of q and k before RoPE (Qwen3: ``self_attn.q_norm`` / ``k_norm``).
     sliding_window_attr: config field of a sliding attention window (None: full causal attention).
+    sandwich_norms: Gemma-2: the attention and MLP outputs are normed before their residual add
+        (``post_attention_layernorm``, ``post_feedforward_layernorm``) and the MLP input by
+        ``pre_feedforward_layernorm``.
+    attn_softcap: attention logits are soft-capped, ``cap * tanh(s / cap)``, by the attention module's
+        ``attn_logit_softcapping`` (Gemma-2); SDPA cannot do that, so those layers compute attention
+        explicitly (models/attention.py).
     """
 
     name: str
@@ -28,6 +34,8 @@ class FamilySpec:
     activation_attr: str = "hidden_act"
     qk_norm: bool = False
     sliding_window_attr: str | None = None
+    sandwich_norms: bool = False
+    attn_softcap: bool = False
 
 
 FAMILIES: dict[str, FamilySpec] = {
@@ -36,6 +44,9 @@ FAMILIES: dict[str, FamilySpec] = {
     "qwen2": FamilySpec("qwen2", sliding_window_attr="sliding_window"),
     "qwen3": FamilySpec("qwen3", qk_norm=True, sliding_window_attr="sliding_window"),
     "gemma": FamilySpec("gemma", norm_offset=1.0, norm_cast_before_weight=False, activation_attr="hidden_activation"),
+    # per-layer sliding windows come from each attention module's `sliding_window` (None on full layers)
+    "gemma2": FamilySpec("gemma2", norm_offset=1.0, norm_cast_before_weight=False, activation_attr="hidden_activation",
+                         sandwich_norms=True, attn_softcap=True),
 }
 
 # HF activation names -> the fused MLP's names (kernels/lora.py); others keep the HF MLP module.
