@@ -16,7 +16,7 @@ from velotune import FastLanguageModel
 from velotune.models import set_fast_forward
 
 pytestmark = pytest.mark.gpu
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"]
 # velotune's bf16 error may exceed HF's by this factor (+ an absolute floor of 2 bf16 ulps at the
 # value's scale): the fused LoRA functions run A/B in bf16 (PEFT keeps fp32) and the RoPE/CE
 # kernels compute in fp32 where HF rounds to bf16 first, so some terms come out better, some worse.
@@ -27,9 +27,12 @@ def _make(family, tmp_path):
     import transformers
 
     cls = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
-           "gemma": "GemmaConfig"}[family]
+           "gemma": "GemmaConfig", "gemma2": "Gemma2Config"}[family]
     tok = make_tokenizer()
-    extra = dict(hidden_activation="gelu_pytorch_tanh") if family == "gemma" else {}
+    extra = dict(hidden_activation="gelu_pytorch_tanh") if family in ("gemma", "gemma2") else {}
+    if family == "gemma2":  # Gemma-2's caps and alternating 512-token windows, shorter than the batch
+        extra.update(query_pre_attn_scalar=64, sliding_window=512, attn_logit_softcapping=50.0,
+                     final_logit_softcapping=30.0, layer_types=["sliding_attention", "full_attention", "sliding_attention"])
     cfg = getattr(transformers, cls)(vocab_size=len(tok), hidden_size=512, intermediate_size=1408, num_hidden_layers=3,
                                      num_attention_heads=8, num_key_value_heads=2, head_dim=64,
                                      max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, **extra)
@@ -41,8 +44,10 @@ def _make(family, tmp_path):
 
 
 def _lora(path, load_in_4bit, gc=True):
+    # eager: HF's SDPA path skips Gemma-2's attention softcap (the reference must not)
+    eager = "gemma2" in open(f"{path}/config.json").read()
     model, _ = FastLanguageModel.from_pretrained(path, dtype=torch.bfloat16, load_in_4bit=load_in_4bit,
-                                                 max_seq_length=1024)
+                                                 max_seq_length=1024, attn_implementation="eager" if eager else "sdpa")
     model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, use_gradient_checkpointing=gc)
     randomize_lora_b(model, seed=5, std=0.02)
     return model.train()
