@@ -69,7 +69,7 @@ def test_graph_path_trains_like_eager(tiny_dir, emulate, family, gc):
     l_g, w_g = _train(graphed, 4, accumulate=2)
     assert _captures(graphed) == 1 and _captures(eager) == 0
     gs = next(iter(graphs.state_of(graphed.get_base_model()).sets.values()))
-    assert gs.offload == (gc != True) and (gs.x is None) == gs.offload  # noqa: E712
+    assert gs.offload == (gc is not True) and len(gs.xs) == (3 if gs.offload else 2 + 1)
     # same ops on the same data; only autograd's summation order of a few gradients may differ
     torch.testing.assert_close(torch.tensor(l_g), torch.tensor(l_e), rtol=1e-5, atol=1e-6)
     assert all(not torch.equal(w_e[n], w0[n]) for n in w0)  # every weight moved: a real comparison
@@ -77,15 +77,36 @@ def test_graph_path_trains_like_eager(tiny_dir, emulate, family, gc):
         torch.testing.assert_close(w_g[n], w_e[n], rtol=1e-5, atol=1e-6, msg=n)
 
 
-def test_auto_records_the_first_shapes_then_stays_eager(tiny_dir, emulate, notices):
+def test_auto_records_the_first_shapes_then_stays_eager(tiny_dir, emulate, notices, monkeypatch):
+    monkeypatch.setattr(graphs, "_MAX_CAPTURES", 3)
     model = _model(tiny_dir)  # default mode "auto"
-    for length in (24, 24, 16):
+    for length in (24, 16, 24, 16):
         _train(model, 1, shapes={0: (2, length)})
-    assert _captures(model) == 2  # 24 recorded once and replayed, then 16
+    st = graphs.state_of(model.get_base_model())
+    assert st.captures == 2 and len(st.sets) == 2  # both shapes kept and replayed
     for length in (8, 12, 20, 24):
         _train(model, 1, shapes={0: (2, length)})
-    assert _captures(model) == graphs._MAX_CAPTURES == 4
+    assert st.captures == 3 and len(st.sets) == 3  # 8 recorded; 12 and 20 over the limit; 24 replayed
     assert sum("batch shapes keep changing" in m for m in notices) == 1
+
+
+def test_shapes_share_buffers_sized_for_max_seq_length(tiny_dir, emulate):
+    """Every shape's static buffers are views of one arena sized for batch x max_seq_length (128 here),
+    so more shapes cost no more memory; a longer batch grows it and drops what used the old memory."""
+    model = _model(tiny_dir)
+    set_cuda_graphs(model, True)
+    st = graphs.state_of(model.get_base_model())
+    for length in (24, 16):
+        _train(model, 1, shapes={0: (2, length)})
+    a, b = st.sets.values()
+    assert a.xs[1].untyped_storage().data_ptr() == b.xs[1].untyped_storage().data_ptr()
+    assert a.xs[1].untyped_storage().nbytes() == 2 * 128 * 64 * 4  # batch 2 x 128 tokens x hidden 64, fp32
+    ids = _ids(0, (2, 200))  # beyond max_seq_length: the arena grows, the older sets go
+    graphed = model(input_ids=ids, labels=ids).loss
+    graphed.backward()
+    assert len(st.sets) == 1 and st.arena.generation > 0
+    set_cuda_graphs(model, False)
+    torch.testing.assert_close(graphed, model(input_ids=ids, labels=ids).loss)
 
 
 def test_second_forward_before_backward_raises(tiny_dir, emulate):

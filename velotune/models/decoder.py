@@ -367,8 +367,10 @@ def _graphed_stack(model, layers, x, plan, attn_plans, position_ids, offload=Fal
     def run_layer(layer, h):
         return _layer(layer, h, static_plan, (None, None))
 
+    max_len = getattr(getattr(model, "_velotune", None), "max_seq_length", 0) or 0
     return graphs.run_stack(model, layers, x, run_layer, key_extra=_adapter_signature(model, layers),
-                            check=lambda: all(_graph_fusable(layer, plan) for layer in layers), offload=offload)
+                            check=lambda: all(_graph_fusable(layer, plan) for layer in layers), offload=offload,
+                            max_tokens=x.shape[0] * max(max_len, x.shape[1]))
 
 
 def install(model) -> bool:

@@ -26,9 +26,10 @@ are recorded from that code). When graphs are used (all must hold, checked per c
 CUDA, training, grad enabled, gradient checkpointing on, plain causal attention (no padding mask
 beyond right padding, no packed rows, no sliding window shorter than the batch), positions
 0..T-1, every projection of every layer on the fused LoRA path (no dropout, no 8-bit base). A capture
-costs about two eager steps and is kept per batch shape (one set at a time); ``mode="auto"`` records
-the first few shapes it sees and then stops recording new ones (batches whose length changes every
-step gain nothing: pad them to a fixed length; packed rows are not graphed yet). Otherwise the eager path runs, unchanged.
+costs about two eager steps and is kept per batch shape (up to 8 shapes; their static buffers are
+shared, sized for batch x max_seq_length); ``mode="auto"`` records the first 8 shapes it sees and then
+stops recording new ones (batches whose length changes every step gain nothing: pad them to a few
+fixed lengths; packed rows are not graphed yet). Otherwise the eager path runs, unchanged.
 
 Measured (H200, 1B shape, bs 2 x 2048, bench/run_train_step.py): 47.8K tokens/s with graphs vs 16.8K
 eager and Unsloth 21.3K in the same session. Open: a capture attempted at the *second* step of the
@@ -44,6 +45,7 @@ replaced by new tensors (e.g. loading another adapter) are detected and the grap
 from __future__ import annotations
 
 import collections
+import math
 import time
 from typing import Optional
 
@@ -54,8 +56,8 @@ from .._notices import say, say_once
 # "auto": record the first _MAX_CAPTURES batch shapes; True: record every new shape; False: never.
 # Set per model with set_cuda_graphs().
 MODES = ("auto", True, False)
-_MAX_SETS = 1  # graph sets kept per model (each holds its static buffers and a memory pool)
-_MAX_CAPTURES = 4  # per model in "auto": shapes that keep changing stay eager
+_MAX_SETS = 8  # batch shapes kept per model (their static buffers are shared: _Arena)
+_MAX_CAPTURES = 8  # per model in "auto": shapes that keep changing stay eager
 _WARMUP_STEPS = 1  # eager runs of each captured piece before capture (Triton compile, cuBLAS init)
 
 # torch.cuda.graph's capture_error_mode (CUDA's stream-capture interaction mode); bench/diag_graphs.py
@@ -68,25 +70,24 @@ EMULATE_ON_CPU = False
 
 
 class _Replay:
-    """A recorded piece of work with static outputs: a CUDA graph, or (emulation) the function itself."""
+    """A recorded piece of work: a CUDA graph, or (emulation) the function itself, run again on replay.
+    The function writes its results into static buffers, so a replay needs no outputs."""
 
     def __init__(self, fn, pool, emulate: bool):
-        self.fn, self.emulate = fn, emulate
+        self.fn = fn
         if emulate:
             self.graph = None
-            self.outputs = fn()
+            fn()
             return
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool, capture_error_mode=CAPTURE_ERROR_MODE):
-            self.outputs = fn()
+            fn()
 
     def replay(self) -> None:
         if self.graph is not None:
             self.graph.replay()
-            return
-        for static, new in zip(self.outputs, self.fn()):
-            if static is not None:
-                static.copy_(new)
+        else:
+            self.fn()
 
 
 def _capture(fn, pool, emulate: bool, what: str) -> _Replay:
@@ -99,17 +100,45 @@ def _capture(fn, pool, emulate: bool, what: str) -> _Replay:
 _RING = 3  # GPU slots for layer inputs when they are offloaded (x[l] lives in slot l % 3)
 
 
+class _Arena:
+    """Static buffers shared by every graph set of one model.
+
+    Only one set runs at a time, so the layer inputs, the gradient ping-pong, the host copies and the
+    parameter gradients of every captured batch shape live in the same memory, sized for the largest
+    shape (at least ``min_numel`` elements, e.g. batch x max_seq_length x hidden). Growing a buffer
+    bumps ``generation``: sets recorded against the old memory are dropped (run_stack).
+    """
+
+    def __init__(self):
+        self.flat: dict = {}
+        self.generation = 0
+
+    def view(self, name, shape, dtype, device, min_numel: int = 0, pin: bool = False) -> torch.Tensor:
+        n = int(math.prod(shape))
+        key = (name, dtype, str(device))
+        buf = self.flat.get(key)
+        if buf is None or buf.numel() < n:
+            if buf is not None:
+                self.generation += 1
+            buf = torch.empty(max(n, min_numel), dtype=dtype, device=device, pin_memory=pin)
+            self.flat[key] = buf
+        return buf[:n].view(tuple(shape))
+
+
 class GraphSet:
     """Forward and backward graphs of every decoder layer for one batch shape.
 
-    ``offload=False``: each layer input ``x[l]`` has its own static GPU buffer (what checkpointing keeps).
-    ``offload=True`` (``use_gradient_checkpointing="unsloth"`` / ``"offload"``): layer inputs pass through
-    a ring of three GPU slots; after the forward graph that produces ``x[l]``, a side stream copies it to
-    pinned host memory while the next layers run, and the backward copies it back one layer ahead of
-    its graph. GPU memory for checkpoints drops from ``L + 1`` activations to three.
+    Static buffers come from the model's :class:`_Arena`. ``offload=False``: each layer input ``x[l]``
+    has its own GPU buffer (what checkpointing keeps). ``offload=True`` (``use_gradient_checkpointing=
+    "unsloth"`` / ``"offload"``): layer inputs pass through a ring of three GPU slots; after the forward
+    graph that produces ``x[l]``, a side stream copies it to pinned host memory while the next layers
+    run, and the backward copies it back one layer ahead of its graph. GPU memory for checkpoints drops
+    from ``L + 1`` activations to three. Every graph writes its results into arena buffers (a copy
+    kernel each), so the graphs' own memory pool holds only temporaries, shared by all sets.
     """
 
-    def __init__(self, run_layer, layers, x_example: torch.Tensor, autocast, emulate: bool, offload: bool = False):
+    def __init__(self, run_layer, layers, x_example: torch.Tensor, autocast, emulate: bool, offload: bool,
+                 arena: _Arena, pool=None, min_numel: int = 0):
         self.run_layer, self.layers, self.autocast, self.emulate = run_layer, list(layers), autocast, emulate
         self.offload = offload
         self.params = [[p for p in layer.parameters() if p.requires_grad] for layer in self.layers]
@@ -117,32 +146,27 @@ class GraphSet:
         self.ptrs = self.current_ptrs()
         self.generation = 0
         n = len(self.layers)
-        pool = None if emulate else torch.cuda.graph_pool_handle()
+        shape, dt, dev = tuple(x_example.shape), x_example.dtype, x_example.device
+        slots = _RING if offload else n + 1
+        self.xs = [arena.view(("x", i), shape, dt, dev, min_numel) for i in range(slots)]
+        self.dbuf = [arena.view(("d", i), shape, dt, dev, min_numel) for i in range(2)]
+        self.gbuf, k = [], 0
+        for ps in self.params:
+            self.gbuf.append([arena.view(("g", k + j), p.shape, p.dtype, p.device) for j, p in enumerate(ps)])
+            k += len(ps)
         if offload:
-            self.ring = [torch.empty_like(x_example) for _ in range(_RING)]
-            pin = not emulate
-            self.host = [torch.empty(x_example.shape, dtype=x_example.dtype, device="cpu", pin_memory=pin)
-                         for _ in range(n)]
+            self.host = [arena.view(("h", i), shape, dt, "cpu", min_numel, pin=not emulate) for i in range(n)]
             self.side = None if emulate else torch.cuda.Stream()
             self.slot_free = [None] * _RING  # event: the slot's last offload copy has finished
             self.ready = [None] * n  # event: host[l] is back in its slot
-        self.x = [torch.empty_like(x_example)] if not offload else None
-        if not offload:
-            self.x[0].copy_(x_example)
-        self.dbuf = [torch.empty_like(x_example), torch.empty_like(x_example)]
+        self.arena_generation = arena.generation
+        self.used = [None] * n  # per layer: which parameters got a gradient at capture
         self._warm_up(x_example)
-        self.fwd = []
-        for i in range(n):
-            r = _capture(lambda i=i: self._forward(i), pool, emulate, f"the forward of layer {i}")
-            self.fwd.append(r)
-            if not offload:
-                self.x.append(r.outputs[0])
-        self.bwd = []
-        for i in reversed(range(n)):
-            self.bwd.append(_capture(lambda i=i: self._backward(i), pool, emulate, f"the backward of layer {i}"))
-        # static gradients, in flat_params order (B_{n-1} first in self.bwd)
-        by_layer = {n - 1 - j: r.outputs for j, r in enumerate(self.bwd)}
-        self.flat_grads = [g for i in range(n) for g in by_layer[i][1:]]
+        self.fwd = [_capture(lambda i=i: self._forward(i), pool, emulate, f"the forward of layer {i}")
+                    for i in range(n)]
+        self.bwd = [_capture(lambda i=i: self._backward(i), pool, emulate, f"the backward of layer {i}")
+                    for i in reversed(range(n))]
+        self.flat_grads = [b if used else None for i in range(n) for b, used in zip(self.gbuf[i], self.used[i])]
         self.dx = self.dbuf[n % 2]
 
     def close(self) -> None:
@@ -155,15 +179,12 @@ class GraphSet:
 
     def input_of(self, i: int) -> torch.Tensor:
         """The static GPU buffer that holds layer ``i``'s input (``i == len(layers)``: the output)."""
-        return self.ring[i % _RING] if self.offload else self.x[i]
+        return self.xs[i % _RING] if self.offload else self.xs[i]
 
     def _forward(self, i: int):
         with torch.no_grad(), torch.autocast(**self.autocast):
-            out = self.run_layer(self.layers[i], self.input_of(i))
-            if self.offload:
-                self.input_of(i + 1).copy_(out)
-                return ()
-            return (out,)
+            self.input_of(i + 1).copy_(self.run_layer(self.layers[i], self.input_of(i)))
+        return ()
 
     def _backward(self, i: int):
         n = len(self.layers)
@@ -174,7 +195,11 @@ class GraphSet:
                 out = self.run_layer(self.layers[i], xr)
             grads = torch.autograd.grad(out, [xr] + self.params[i], grad_outputs=src, allow_unused=True)
         dst.copy_(grads[0])
-        return (dst,) + tuple(grads[1:])
+        for buf, g in zip(self.gbuf[i], grads[1:]):
+            if g is not None:
+                buf.copy_(g)
+        self.used[i] = [g is not None for g in grads[1:]]
+        return ()
 
     # -- one step ------------------------------------------------------------------------------
     def run_forward(self, x0: torch.Tensor) -> torch.Tensor:
@@ -205,8 +230,7 @@ class GraphSet:
         if self.side is None:
             host.copy_(slot)
             return
-        main = torch.cuda.current_stream()
-        self.side.wait_stream(main)
+        self.side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.side):
             host.copy_(slot, non_blocking=True)
             ev = torch.cuda.Event()
@@ -288,6 +312,8 @@ class _State:
         self.sets: "collections.OrderedDict[tuple, GraphSet]" = collections.OrderedDict()
         self.captures = 0
         self.broken: Optional[str] = None
+        self.arena = _Arena()
+        self.pool = None  # one CUDA graph memory pool for every set (temporaries only)
 
     def __deepcopy__(self, memo):
         return _State(self.mode)  # a copied model records its own graphs (CUDA graphs cannot be copied)
@@ -310,10 +336,10 @@ def state_of(model) -> _State:
 def set_cuda_graphs(model, mode) -> None:
     """CUDA graphs for the decoder layers of training steps: ``"auto"`` (default), ``True`` or ``False``.
 
-    ``"auto"`` records each new batch shape at first sight, up to 4 shapes per model, then runs new
+    ``"auto"`` records each new batch shape at first sight, up to 8 shapes per model, then runs new
     shapes eagerly (a fixed shape, e.g. from ``pad_to_multiple_of``, gets graphs from step 1);
-    ``True`` records every new shape; ``False`` never (the eager fast forward; same numerics). Only one
-    shape's graphs are kept at a time. Changing the mode drops captured graphs and their memory.
+    ``True`` records every new shape (the 8 most recent are kept); ``False`` never (the eager fast
+    forward; same numerics). Changing the mode drops captured graphs and their memory.
     Conditions and limits: ``velotune/models/graphs.py``.
     """
     if mode not in MODES:
@@ -332,13 +358,14 @@ def _autocast_state(device_type: str) -> dict:
 
 
 def run_stack(model, layers, x: torch.Tensor, run_layer, key_extra=(), check=lambda: True,
-              offload: bool = False) -> Optional[torch.Tensor]:
+              offload: bool = False, max_tokens: int = 0) -> Optional[torch.Tensor]:
     """The stack's output through CUDA graphs, or None when the eager path should run.
 
     ``run_layer(layer, x)`` is the eager layer (its attention plan must hold only tensors that live as
     long as the model, e.g. the cached RoPE tables); ``key_extra`` is anything else that decides which
     kernels a layer runs (the adapters' state); ``check()`` says whether every layer can be recorded,
-    asked once before a capture; ``offload`` keeps layer inputs in pinned host memory (GraphSet).
+    asked once before a capture; ``offload`` keeps layer inputs in pinned host memory (GraphSet);
+    ``max_tokens`` sizes the shared buffers for the longest batch expected (batch x max_seq_length).
     """
     st = state_of(model)
     if st.mode is False or st.broken is not None:
@@ -362,14 +389,19 @@ def run_stack(model, layers, x: torch.Tensor, run_layer, key_extra=(), check=lam
         while len(st.sets) >= _MAX_SETS:
             st.sets.popitem(last=False)[1].close()
         t = time.perf_counter()
+        if st.pool is None and not emulate:
+            st.pool = torch.cuda.graph_pool_handle()
         try:
-            gs = GraphSet(run_layer, layers, x.detach(), ac, emulate, offload=offload)
+            gs = GraphSet(run_layer, layers, x.detach(), ac, emulate, offload, st.arena, st.pool,
+                          min_numel=max_tokens * x.shape[-1])
         except Exception as e:  # noqa: BLE001 - any capture failure: say why, stay eager (same numerics)
             st.broken = f"{type(e).__name__}: {e}"
             say(f"CUDA graphs could not be captured ({st.broken[:300]}); training continues without them "
                 "(same numerics, slower). Please report this with `velotune env`.")
             return None
         st.captures += 1
+        for k in [k for k, other in st.sets.items() if other.arena_generation != st.arena.generation]:
+            st.sets.pop(k).close()  # recorded against buffers the arena has since replaced
         st.sets[key] = gs
         say(f"CUDA graphs: captured {len(layers)} layers for batch {tuple(x.shape[:2])} in "
             f"{time.perf_counter() - t:.1f} s" + (" (layer inputs offloaded to host memory)" if offload else ""))
