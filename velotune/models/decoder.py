@@ -103,13 +103,15 @@ class _Plan:
     """Per-call constants shared by every layer (owned by one forward call).
 
     mask: padding mask or None; restart: [B, T] example starts of packed rows or None; segments:
-    varlen cumulative lengths when packed rows run through varlen attention, else None.
+    varlen cumulative lengths when packed rows run through varlen attention, else None; cache: see
+    :func:`_cached_forward`.
     """
 
-    def __init__(self, spec, config, cos, sin, position_ids, mask, restart, segments, activation):
+    def __init__(self, spec, config, cos, sin, position_ids, mask, restart, segments, activation, cache=None):
         self.spec, self.config = spec, config
         self.cos, self.sin, self.position_ids = cos, sin, position_ids
         self.mask, self.restart, self.segments, self.activation = mask, restart, segments, activation
+        self.cache = cache  # (KV cache, masks by layer type) on the generation path, else None
         self.eps = config.rms_norm_eps
 
 
@@ -133,6 +135,9 @@ def _attention(layer, h, plan, attn_plan):
     q, k = q.transpose(1, 2), k.transpose(1, 2)
     v = v.view(bsz, t, -1, head_dim).transpose(1, 2)
     q, k = rope(q, k, plan.cos, plan.sin, plan.position_ids, layout="bhtd")
+    if plan.cache is not None:
+        out = _cached_attention(layer, q, k, v, plan)
+        return _apply(attn.o_proj, projection(attn.o_proj), out.reshape(bsz, t, -1))
     dropout = float(getattr(attn, "attention_dropout", 0.0) or 0.0) if layer.training else 0.0
     mask, segments = attn_plan
     softcap = getattr(attn, "attn_logit_softcapping", None) if plan.spec.attn_softcap else None
@@ -261,6 +266,9 @@ def fast_forward(self, input_ids=None, attention_mask=None, position_ids=None, p
                 past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
     state = self.__dict__["_velotune_fast"]
     if not _fast_call(self, call):
+        if labels is None and shift_labels is None and _decode_call(self, call):
+            return _cached_forward(self, state["spec"], input_ids, attention_mask, position_ids, past_key_values,
+                                   use_cache, logits_to_keep)
         extra = {k: v for k, v in (("labels", labels), ("num_items_in_batch", num_items_in_batch),
                                    ("shift_labels", shift_labels)) if v is not None}
         return state["original"](**call, **extra, logits_to_keep=logits_to_keep)
@@ -371,6 +379,100 @@ def _graphed_stack(model, layers, x, plan, attn_plans, position_ids, offload=Fal
     return graphs.run_stack(model, layers, x, run_layer, key_extra=_adapter_signature(model, layers),
                             check=lambda: all(_graph_fusable(layer, plan) for layer in layers), offload=offload,
                             max_tokens=x.shape[0] * max(max_len, x.shape[1]))
+
+
+# ------------------------------------------------------------------------------ generation path
+# The generation path (a KV cache: HF generate's calls) was written and checked on CPU (greedy outputs
+# equal HF's, tests/test_decode.py) but has not run on a GPU yet: until
+# tests/test_fast_forward_gpu.py::test_generation_matches_hf passes there, CUDA models generate with HF's
+# forward. Flip after that run.
+DECODE_ON_CUDA = False
+
+
+def _decode_call(model, call) -> bool:
+    """A call the cached generation path takes: known family, input ids, a KV cache wanted or given."""
+    state = model.__dict__.get("_velotune_fast")
+    if state is None or not state["enabled"] or state["spec"] is None or not state.get("decode", True):
+        return False
+    if call.get("input_ids") is None or call.get("inputs_embeds") is not None:
+        return False
+    if call.get("output_attentions") or call.get("output_hidden_states"):
+        return False
+    if call.get("past_key_values") is None and not call.get("use_cache"):
+        return False
+    if call["input_ids"].is_cuda and not DECODE_ON_CUDA:
+        return False
+    extra = set(call) - {"input_ids", "attention_mask", "position_ids", "past_key_values", "inputs_embeds",
+                         "use_cache", "return_dict", "output_attentions", "output_hidden_states", "cache_position"}
+    return not extra  # anything else (e.g. token_type_ids): HF's forward
+
+
+def _layer_type(config, layer_idx: int) -> str:
+    types = getattr(config, "layer_types", None)
+    if types:
+        return types[layer_idx]
+    if getattr(config, "model_type", None) == "mistral" and getattr(config, "sliding_window", None):
+        return "sliding_attention"
+    return "full_attention"
+
+
+def _cached_attention(layer, q, k, v, plan):
+    """Append k/v to the cache and attend through HF's own attention function for this model
+    (``config._attn_implementation``: sdpa / eager, with its masks, windows and softcaps)."""
+    import sys
+
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    attn = layer.self_attn
+    cache, masks = plan.cache
+    k, v = cache.update(k, v, attn.layer_idx)
+    eager = getattr(sys.modules[type(attn).__module__], "eager_attention_forward", None)
+    fn = ALL_ATTENTION_FUNCTIONS.get_interface(plan.config._attn_implementation, eager)
+    extra = {}
+    if hasattr(attn, "sliding_window"):
+        extra["sliding_window"] = attn.sliding_window
+    elif getattr(plan.config, "model_type", None) == "mistral":
+        extra["sliding_window"] = getattr(plan.config, "sliding_window", None)
+    if getattr(attn, "attn_logit_softcapping", None) is not None:
+        extra["softcap"] = attn.attn_logit_softcapping
+    out, _ = fn(attn, q, k, v, masks[_layer_type(plan.config, attn.layer_idx)], dropout=0.0,
+                scaling=attn.scaling, **extra)
+    return out  # [B, T, H, D]
+
+
+def _cached_forward(self, spec, input_ids, attention_mask, position_ids, past_key_values, use_cache,
+                    logits_to_keep):
+    """Forward with a KV cache (HF generate's prefill and decode steps): the fused LoRA projections,
+    RMSNorm, RoPE and MLP kernels, HF's cache object and masks, HF's attention function."""
+    from transformers.cache_utils import DynamicCache
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    backbone, config = self.model, self.config
+    x = backbone.embed_tokens(input_ids)
+    if past_key_values is None and use_cache is not False:
+        past_key_values = DynamicCache(config=config)
+    past = past_key_values.get_seq_length() if past_key_values is not None else 0
+    if position_ids is None:
+        position_ids = (torch.arange(input_ids.shape[1], device=x.device) + past).unsqueeze(0)
+    if isinstance(attention_mask, dict):  # already built by generate
+        masks = attention_mask
+    else:
+        kw = dict(config=config, inputs_embeds=x, attention_mask=attention_mask, past_key_values=past_key_values,
+                  position_ids=position_ids)
+        masks = {"full_attention": create_causal_mask(**kw)}
+        types = {_layer_type(config, i) for i in range(config.num_hidden_layers)}
+        if "sliding_attention" in types:
+            masks["sliding_attention"] = create_sliding_window_causal_mask(**kw)
+    # positions never exceed past + new tokens (left padding only lowers them): no host sync needed
+    cos, sin = _rope_tables(self, config, past + input_ids.shape[1], x.device)
+    plan = _Plan(spec, config, cos, sin, position_ids, None, None, None, activation_of(config, spec),
+                 cache=(past_key_values, masks))
+    for layer in backbone.layers[: config.num_hidden_layers]:
+        x = _layer(layer, x, plan, (None, None))
+    hidden = _norm(x, backbone.norm, plan)
+    _, logits = _loss_or_logits(self, hidden, None, None, None, logits_to_keep,
+                                getattr(config, "final_logit_softcapping", None))
+    return CausalLMOutputWithPast(logits=logits, past_key_values=past_key_values)
 
 
 def install(model) -> bool:
