@@ -1,8 +1,10 @@
-"""``velotune export``: adapter / model folder -> GGUF, merged 16-bit, LoRA; argument errors exit 2."""
+"""``velotune export``: run / adapter / model folder -> GGUF, merged 16-bit, LoRA; argument errors exit 2."""
 from __future__ import annotations
 
 import json
 import re
+import shutil
+from pathlib import Path
 
 import gguf
 import pytest
@@ -115,4 +117,137 @@ def test_failure_during_export_exits_1_with_its_message(tiny_dir, tmp_path, caps
     assert main(["export", source, "--to", "gguf", "--out", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("velotune export: error: unknown BPE pre-tokenizer") and "Known: " in err
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------ velotune train run folders
+@pytest.fixture(scope="module")
+def run_dir(tiny_dir, tmp_path_factory):
+    """A finished ``velotune train`` run of the tiny llama: fp32 LoRA (model.load_in_4bit: false), 2 steps,
+    checkpoints 1 and 2, the final lora export, the run report."""
+    from tests.test_cli_train import write_config
+
+    root = tmp_path_factory.mktemp("cli-export-run")
+    cfg = write_config(root, tiny_dir(), data={"max_rows": 8},
+                       training={"max_steps": 2, "save_steps": 1, "per_device_train_batch_size": 1,
+                                 "gradient_accumulation_steps": 1})
+    assert main(["train", str(cfg)]) == 0
+    return root / "out"
+
+
+def _tensors(folder):
+    from safetensors.torch import load_file
+
+    return load_file(folder / "adapter_model.safetensors")
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_run_folder_exports_its_final_adapter_onto_the_base_it_trained_on(run_dir, tmp_path, capsys, monkeypatch):
+    from velotune.api import FastLanguageModel
+
+    calls = []
+    real = FastLanguageModel.from_pretrained
+
+    def spy(*a, **k):
+        calls.append(k)
+        return real(*a, **k)
+
+    monkeypatch.setattr(FastLanguageModel, "from_pretrained", spy)
+    capsys.readouterr()
+    assert main(["export", str(run_dir), "--to", "lora", "--out", str(tmp_path / "l")]) == 0
+    err = capsys.readouterr().err
+    assert (f"velotune export: {run_dir} is a run folder: using {run_dir / 'lora'} (the run's final lora export "
+            "(named by run_report.json))") in err
+    assert "the run trained on a 16-bit base (model.load_in_4bit: false): merging onto the same" in err
+    # the run's own settings, not export's defaults (4-bit, 2048)
+    assert [(c["load_in_4bit"], c["max_seq_length"]) for c in calls] == [(False, 128)]
+    got = _tensors(tmp_path / "l")
+    assert _same(got, _tensors(run_dir / "lora")) and _same(got, _tensors(run_dir / "checkpoint-2"))
+    assert not _same(got, _tensors(run_dir / "checkpoint-1"))  # training moved the adapter between saves
+
+
+def test_killed_run_exports_its_newest_complete_checkpoint(run_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    for name in ("lora", "run_report.json", "run_report.md"):  # killed before exporting and reporting
+        shutil.rmtree(run / name) if (run / name).is_dir() else (run / name).unlink()
+    shutil.copytree(run / "checkpoint-1", run / "checkpoint-3")  # a save without its trainer state
+    (run / "checkpoint-3" / "trainer_state.json").unlink()
+    shutil.copytree(run / "checkpoint-1", run / ".tmp-checkpoint-4-ab12")  # an interrupted staged save
+    capsys.readouterr()
+    assert main(["export", str(run), "--to", "lora", "--out", str(tmp_path / "l")]) == 0
+    assert (f"using {run / 'checkpoint-2'} (the newest complete checkpoint of 2; the run has no final lora "
+            "export)") in capsys.readouterr().err
+    assert _same(_tensors(tmp_path / "l"), _tensors(run / "checkpoint-2"))
+
+
+def _fake_run(root: Path, *, report=None, config=None, exports=(), checkpoints=(), incomplete=()) -> Path:
+    """A run folder of empty-weight stand-ins (only the file names matter to the choice)."""
+    root.mkdir(parents=True)
+    for name in exports:
+        (root / name).mkdir(parents=True)
+        (root / name / ("config.json" if name.endswith("merged_16bit") else "adapter_config.json")).write_text("{}")
+    for step in (*checkpoints, *incomplete):
+        (root / f"checkpoint-{step}").mkdir()
+        (root / f"checkpoint-{step}" / "adapter_config.json").write_text("{}")
+        if step in checkpoints:
+            (root / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    if report is not None:
+        (root / "run_report.json").write_text(json.dumps(report))
+    if config is not None:
+        (root / "velotune_config.yaml").write_text(config)
+    return root
+
+
+@pytest.mark.parametrize("layout,order,picked,why", [
+    (dict(report={"status": "completed", "outputs": {"lora": "{root}/lora", "merged_16bit": "{root}/merged_16bit"}},
+          exports=["lora", "merged_16bit"], checkpoints=[5, 10]),
+     "export", "lora", "the run's final lora export (named by run_report.json)"),
+    # a resumed run that failed: its exports predate the newest checkpoint
+    (dict(report={"status": "stopped: non-finite at step 12"}, exports=["lora"], checkpoints=[5, 10]),
+     "export", "checkpoint-10", "the newest complete checkpoint of 2; the run report says 'stopped: non-finite"),
+    (dict(exports=["merged_16bit"], checkpoints=[5, 10], incomplete=[15]),
+     "export", "checkpoint-10", "the newest complete checkpoint of 2; the run has no final lora export"),
+    (dict(exports=["merged_16bit"], checkpoints=[5, 10]),
+     "chat", "merged_16bit", "the run's final merged_16bit export"),
+    (dict(exports=["merged_16bit"]), "export", "merged_16bit", "the run's final merged_16bit export"),
+    (dict(config="export:\n  dir: {root}/exports\n", exports=["exports/lora"], checkpoints=[5]),
+     "export", "exports/lora", "the run's final lora export"),
+    # a report written with a relative output_dir, read from another working directory
+    (dict(report={"status": "completed", "outputs": {"lora": "elsewhere/outputs/lora"}}, exports=["lora"]),
+     "chat", "lora", "the run's final lora export (named by run_report.json)"),
+])
+def test_run_folder_choice(layout, order, picked, why, tmp_path):
+    from velotune.cli import chat, export
+    from velotune.cli._runs import pick_from_run
+
+    root = tmp_path / "run"
+    if "config" in layout:
+        layout = {**layout, "config": layout["config"].format(root=root)}
+    outputs = layout.get("report", {}).get("outputs", {})
+    if outputs:
+        outputs = {k: v.replace("{root}", str(root)) for k, v in outputs.items()}
+        layout = {**layout, "report": {**layout["report"], "outputs": outputs}}
+    run = _fake_run(root, **layout)
+    pick = pick_from_run(run, export.RUN_ORDER if order == "export" else chat.RUN_ORDER)
+    assert pick.path == run / picked and pick.why.startswith(why), pick
+
+
+def test_run_folder_errors_exit_2(tmp_path, capsys):
+    half = _fake_run(tmp_path / "half", incomplete=[3])
+    merged_only = _fake_run(tmp_path / "merged", report={"status": "completed"}, exports=["merged_16bit"])
+    cases = [
+        ([str(half), "--to", "gguf"], f"SOURCE {half} is a velotune train run folder but holds no final export "
+                                      "(lora/, merged_16bit/) and no complete checkpoint-N (checkpoint-3 incomplete"),
+        ([str(merged_only), "--to", "lora"], f"SOURCE {merged_only / 'merged_16bit'} is a model folder, not a PEFT "
+                                             "adapter: --to lora needs an adapter folder"),
+    ]
+    for argv, expected in cases:
+        with pytest.raises(SystemExit) as e:
+            main(["export", *argv, "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and expected in err, err
     assert not (tmp_path / "out").exists()

@@ -187,8 +187,10 @@ def test_input_errors_exit_2_before_the_model_loads(tiny_dir, tmp_path, capsys, 
     if not is_bfloat16_supported():
         cases.append(({"training": {"precision": "bf16"}},
                       "training.precision=bf16 needs a CUDA GPU of compute capability >= 8.0"))
+    model_dir = tiny_dir()
+    capsys.readouterr()  # building the tiny model (first use in this process) writes progress bars
     for i, (sections, expected) in enumerate(cases):
-        code, _, stderr = train(write_config(tmp_path, tiny_dir(), f"c{i}.yaml", **sections), capsys=capsys)
+        code, _, stderr = train(write_config(tmp_path, model_dir, f"c{i}.yaml", **sections), capsys=capsys)
         assert code == 2 and stderr.startswith("velotune train: error: ") and expected in stderr, stderr
     assert main(["train"]) == 2
     assert "give a config file (see examples/) or key=value fields" in capsys.readouterr().err
