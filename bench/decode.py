@@ -1,0 +1,122 @@
+"""4-bit decoding speed: velotune's generation path vs HF generate vs Unsloth's for_inference (issue #7).
+
+Random-init Llama checkpoint of the named shape (bench/run_train_step.py builds it), NF4 + double
+quantisation, bf16 compute, a LoRA adapter (r16, 7 targets) as after training, greedy decoding of
+``--new`` tokens after a ``--prompt``-token prompt, batch 1 and 8. Each peer runs in its own process
+(Unsloth patches transformers at import); tokens/s = batch x new tokens / wall time of generate (after
+one warm-up generate). Rows go to ``--results`` (JSON lines) with card, shapes, dtype and versions.
+
+    python bench/decode.py --shapes 8b --peers velotune hf unsloth --results bench/results/decode.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def one_peer(args) -> dict:
+    import torch
+
+    if args.peer == "unsloth":
+        import unsloth  # noqa: F401
+        from unsloth import FastLanguageModel
+
+        model, _ = FastLanguageModel.from_pretrained(args.ckpt, max_seq_length=2048, dtype=torch.bfloat16,
+                                                     load_in_4bit=True)
+        model = FastLanguageModel.get_peft_model(model, r=16, target_modules=TARGETS, lora_alpha=16)
+        FastLanguageModel.for_inference(model)
+    elif args.peer == "velotune":
+        from velotune import FastLanguageModel
+        from velotune.models import decoder
+
+        decoder.DECODE_ON_CUDA = True  # the path under test (off by default until its GPU test has run)
+        model, _ = FastLanguageModel.from_pretrained(args.ckpt, max_seq_length=2048, dtype=torch.bfloat16,
+                                                     load_in_4bit=True)
+        model = FastLanguageModel.get_peft_model(model, r=16, target_modules=TARGETS, lora_alpha=16)
+        FastLanguageModel.for_inference(model)
+    else:
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(args.ckpt, quantization_config=q, dtype=torch.bfloat16,
+                                                     device_map={"": 0})
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=TARGETS, task_type="CAUSAL_LM"))
+        model.eval()
+    rows = []
+    vocab = model.config.vocab_size
+    for bs in args.batch:
+        ids = torch.randint(0, vocab, (bs, args.prompt), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+        kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new, min_new_tokens=args.new,
+                  do_sample=False, pad_token_id=0)
+        with torch.no_grad():
+            model.generate(**{**kw, "max_new_tokens": 8, "min_new_tokens": 8})
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            out = model.generate(**kw)
+            torch.cuda.synchronize()
+            dt = time.perf_counter() - t
+        rows.append({"peer": args.peer, "batch": bs, "prompt": args.prompt, "new_tokens": args.new,
+                     "tokens_per_s": round(bs * args.new / dt, 1), "wall_s": round(dt, 3),
+                     "first_ids": out[0, args.prompt:args.prompt + 8].tolist(),
+                     "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)})
+    return {"rows": rows}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--peer", choices=["velotune", "hf", "unsloth"])
+    p.add_argument("--ckpt")
+    p.add_argument("--json")
+    p.add_argument("--shapes", nargs="+", default=["8b"])
+    p.add_argument("--peers", nargs="+", default=["velotune", "hf", "unsloth"])
+    p.add_argument("--batch", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--new", type=int, default=256)
+    p.add_argument("--results")
+    p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "velotune-bench"))
+    args = p.parse_args()
+    if args.peer:  # child process: one peer
+        try:
+            res = one_peer(args)
+        except Exception as e:  # a failing peer is a result too
+            res = {"rows": [{"peer": args.peer, "error": f"{type(e).__name__}: {e}"[:2000]}]}
+        Path(args.json).write_text(json.dumps(res))
+        return 0
+    import torch
+
+    sys.path.insert(0, str(HERE))
+    from run_train_step import make_checkpoint, versions
+
+    card, vers = torch.cuda.get_device_name(0), versions()
+    run_id = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    for shape in args.shapes:
+        ckpt = make_checkpoint(shape, Path(args.workdir) / f"llama-{shape}")
+        for peer in args.peers:
+            out = Path(args.workdir) / f"decode-{shape}-{peer}.json"
+            cmd = [sys.executable, __file__, "--peer", peer, "--ckpt", str(ckpt), "--json", str(out),
+                   "--prompt", str(args.prompt), "--new", str(args.new), "--batch", *map(str, args.batch)]
+            subprocess.run(cmd, timeout=900, check=False)
+            rows = json.loads(out.read_text())["rows"] if out.is_file() else [{"peer": peer, "error": "no output"}]
+            with open(args.results, "a") as f:
+                for r in rows:
+                    r.update(run_id=run_id, bench="decode_4bit", shape=f"llama-{shape}", card=card, dtype="bf16",
+                             lora="r16 a16, 7 targets", versions=vers)
+                    f.write(json.dumps(r) + "\n")
+                    print(f"[decode] {shape} {peer} bs {r.get('batch')}: {r.get('tokens_per_s')} tok/s "
+                          f"{r.get('error', '')}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
