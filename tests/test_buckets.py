@@ -1,0 +1,59 @@
+"""Bucket padding of training batches (velotune/training/buckets.py): few shapes, the same loss."""
+from __future__ import annotations
+
+import torch
+
+from tests.tiny_models import randomize_lora_b
+from velotune import FastLanguageModel
+from velotune.training.buckets import BucketPadding, bucket_step
+
+
+def _collate(features):
+    t = max(len(f) for f in features)
+    ids = torch.tensor([f + [0] * (t - len(f)) for f in features])
+    mask = torch.tensor([[1] * len(f) + [0] * (t - len(f)) for f in features])
+    labels = ids.masked_fill(mask == 0, -100)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def test_lengths_fall_in_at_most_eight_buckets():
+    assert bucket_step(2048) == 256 and bucket_step(300) == 64 and bucket_step(100_000) == 12544
+    pad = BucketPadding(_collate, pad_token_id=3, max_length=2048)
+    lengths = {pad.length_for(t) for t in range(1, 2049)}
+    assert lengths == {256 * k for k in range(1, 9)}
+    assert pad.length_for(2100) == 2100  # longer than max_length (no truncation here): left as is
+
+
+def test_padded_batch_keeps_loss_and_grads(tiny_dir):
+    model, _ = FastLanguageModel.from_pretrained(tiny_dir(), load_in_4bit=False, max_seq_length=128)
+    model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, random_state=3)
+    randomize_lora_b(model, seed=11, std=0.1)
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    features = [torch.randint(4, 500, (n,), generator=g).tolist() for n in (37, 21)]
+    plain = _collate(features)
+    bucketed = BucketPadding(_collate, pad_token_id=3, max_length=128)(features)
+    assert bucketed["input_ids"].shape == (2, 64) and plain["input_ids"].shape == (2, 37)
+    assert (bucketed["labels"][:, 37:] == -100).all() and (bucketed["attention_mask"][:, 37:] == 0).all()
+    assert (bucketed["input_ids"][:, 37:] == 3).all()
+
+    def loss_and_grads(batch):
+        model.zero_grad(set_to_none=True)
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    l0, g0 = loss_and_grads(plain)
+    l1, g1 = loss_and_grads(bucketed)
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_packed_rows_and_unknown_fields_pass_through():
+    pad = BucketPadding(_collate, pad_token_id=3, max_length=128)
+    packed = lambda f: {**_collate(f), "position_ids": torch.zeros(len(f), max(map(len, f)), dtype=torch.long)}  # noqa: E731
+    assert BucketPadding(packed, 3, 128)([[5, 6, 7]])["input_ids"].shape == (1, 3)
+    odd = lambda f: {**_collate(f), "token_type_ids": torch.zeros(len(f), max(map(len, f)), dtype=torch.long)}  # noqa: E731
+    assert BucketPadding(odd, 3, 128)([[5, 6, 7]])["input_ids"].shape == (1, 3)
+    assert pad([[5, 6, 7]])["input_ids"].shape == (1, 64)

@@ -1,0 +1,62 @@
+"""Right-pad every training batch to one of a few lengths, so the CUDA-graph path sees few shapes.
+
+TRL pads each batch to its longest row, so the batch length changes almost every step, and CUDA graphs
+(velotune/models/graphs.py) are recorded per batch shape. Padding further on the right, to the next
+multiple of ``max_length / 8`` (rounded up to 64 tokens), leaves at most 8 shapes. The loss is
+unchanged: the extra positions carry label -100 and attention mask 0, and with causal attention a real
+token never attends to a later position, so right padding changes no real token's result (the fast
+forward runs right-padded training batches with plain causal attention, models/attention.py). The
+cost is the padded positions' compute, under one bucket step per row.
+
+Batches with ``position_ids`` (packed / padding-free rows) or with fields this module does not know how
+to pad are passed through untouched.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+# value each known [batch, length] field is padded with; input_ids use the tokenizer's pad id
+_FILL = {"attention_mask": 0, "labels": -100, "completion_mask": 0, "assistant_masks": 0}
+N_BUCKETS = 8
+MULTIPLE = 64
+
+
+def bucket_step(max_length: int, n_buckets: int = N_BUCKETS, multiple: int = MULTIPLE) -> int:
+    """Bucket width in tokens: ``max_length / n_buckets`` rounded up to ``multiple``."""
+    return max(multiple, math.ceil(max_length / n_buckets / multiple) * multiple)
+
+
+class BucketPadding:
+    """Wraps a collator; pads its batches on the right to ``ceil(T / step) * step`` (at most ``max_length``)."""
+
+    def __init__(self, collator, pad_token_id: int, max_length: int, n_buckets: int = N_BUCKETS):
+        self.collator, self.pad_token_id, self.max_length = collator, int(pad_token_id), int(max_length)
+        self.step = bucket_step(self.max_length, n_buckets)
+
+    def length_for(self, t: int) -> int:
+        return max(t, min(self.max_length, math.ceil(t / self.step) * self.step))
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        ids = batch.get("input_ids") if hasattr(batch, "get") else None
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or "position_ids" in batch:
+            return batch
+        t = ids.shape[1]
+        target = self.length_for(t)
+        if target == t:
+            return batch
+        fills = {"input_ids": self.pad_token_id, **_FILL}
+        padded = {}
+        for key, value in batch.items():
+            if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape[1] == t:
+                if key not in fills:
+                    return batch  # a [B, T] field we do not know how to pad: leave the batch as it is
+                value = F.pad(value, (0, target - t), value=fills[key])
+            padded[key] = value
+        if "attention_mask" not in padded:
+            return batch  # without a mask the extra tokens would look real
+        batch.update(padded)  # a dict or transformers' BatchEncoding: keep its type
+        return batch
