@@ -8,6 +8,7 @@ import torch
 from . import adapters, loading
 from .models import install as install_fast_forward
 from ._notices import VelotuneError, say, say_once
+from .distributed import rank_device_map, world
 
 # Arguments the incumbent's from_pretrained accepts that do nothing here; accepted so scripts run.
 _IGNORED_LOAD_ARGS = ("fast_inference", "use_exact_model_name", "random_state", "max_lora_rank",
@@ -63,6 +64,9 @@ def _save_pretrained_gguf(self, save_directory, tokenizer=None, quantization_met
 
 
 def _device_map(device_map, device_type: str):
+    w = world()
+    if w.distributed:
+        return _rank_device_map(device_map, device_type, w)
     if device_map not in ("auto", None):
         return device_map
     if device_type == "cuda":
@@ -70,6 +74,21 @@ def _device_map(device_map, device_type: str):
         # which is slow and breaks 4-bit training.
         return {"": torch.cuda.current_device()}
     return {"": "cpu"}
+
+
+def _rank_device_map(device_map, device_type: str, w):
+    """DDP (torchrun / accelerate launch): this rank's whole copy on its own GPU, made the current
+    device so kernels and bitsandbytes run there too (accelerate would do the same later, in the Trainer)."""
+    n_gpus = torch.cuda.device_count() if device_type == "cuda" else 0
+    placed = rank_device_map(device_map, device_type, w, n_gpus)
+    if device_type == "cuda":
+        torch.cuda.set_device(w.local_rank)
+        how, mine = "its own GPU (cuda:LOCAL_RANK)", f"cuda:{w.local_rank}"
+    else:
+        how, mine = "the CPU (gloo backend)", "cpu"
+    say_once("ddp-placement", f"DDP with {w.size} processes: each rank trains a whole copy of the model on {how}; "
+             f"rank {w.rank}, on {mine}, logs, saves and exports")
+    return placed
 
 
 def _load_tokenizer(names: list[str], token, revision, trust_remote_code):
@@ -106,7 +125,9 @@ class FastLanguageModel:
             load_in_4bit: NF4 with double quantisation (bitsandbytes), compute dtype = ``dtype`` (QLoRA).
             load_in_8bit: LLM.int8 weights. ``full_finetuning``: 16-bit weights, all trainable.
             token, revision, trust_remote_code (off unless you turn it on), attn_implementation ("sdpa").
-            device_map: "auto" puts the whole model on the current GPU (or the CPU).
+            device_map: "auto" puts the whole model on the current GPU (or the CPU). Under torchrun /
+                accelerate launch (several processes, DDP) each rank's copy goes to cuda:LOCAL_RANK; a
+                map that splits the model over devices is refused there (VelotuneError).
             fix_tokenizer: give the tokenizer a pad token (not EOS where possible) and right padding.
         """
         unknown = [k for k in kwargs if k not in _IGNORED_LOAD_ARGS]

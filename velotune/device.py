@@ -61,7 +61,7 @@ class MemoryReport:
     ``seconds``. On CPU, ``card`` is "CPU" and the peaks are the process's peak resident memory.
     """
 
-    device: int = 0
+    device: int | None = None  # CUDA device index; None: the current one (cuda:LOCAL_RANK under DDP)
     print_fn: object = print
     stats: dict = field(default_factory=dict)
     _t0: float = 0.0
@@ -69,6 +69,8 @@ class MemoryReport:
     def start(self) -> "MemoryReport":
         self._t0 = time.perf_counter()
         if torch.cuda.is_available():
+            if self.device is None:
+                self.device = torch.cuda.current_device()
             props = torch.cuda.get_device_properties(self.device)
             total = round(props.total_memory / _GIB, 3)
             reserved = round(torch.cuda.max_memory_reserved(self.device) / _GIB, 3)
@@ -113,6 +115,6 @@ class MemoryReport:
         self.stop()
 
 
-def memory_report(device: int = 0, print_fn=print) -> MemoryReport:
+def memory_report(device: int | None = None, print_fn=print) -> MemoryReport:
     """Memory report for a training run; use as ``with memory_report() as r: trainer.train()``."""
     return MemoryReport(device=device, print_fn=print_fn)

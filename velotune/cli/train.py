@@ -12,6 +12,12 @@ without its section), ``lora.target_modules=[q_proj,v_proj]``.
 Exit codes: 0 done; 2 bad input found before training (config, model folder, data), with a message
 naming the fix; 1 the run failed (out of memory, NaN/inf, a checkpoint or export that could not be
 written), with advice; 130 interrupted (Ctrl-C). The report and the last good checkpoint are kept.
+
+Several GPUs: ``torchrun --nproc_per_node N -m velotune train CONFIG.yaml`` (or ``accelerate launch -m
+velotune train ...``) trains with DDP, ``training.per_device_train_batch_size`` per rank. Every rank
+reads the config and the data and trains; rank 0 alone cleans the output folder, writes the config
+copy, the checkpoints (plus each rank's RNG state), the exports and the report, and prints. The other
+ranks wait for it (a barrier) and all exit with rank 0's code.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ import time
 from pathlib import Path
 
 from .._notices import VelotuneError, say, say_once
+from ..distributed import agree, world
 
 CONFIG_COPY = "velotune_config.yaml"
 # Changing these between a run and its resume changes the data order or the model: warned about.
@@ -41,7 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _fail(message: str, code: int) -> int:
-    print(f"velotune train: error: {message}", file=sys.stderr)
+    """Print a bad-input error (rank 0 only: every rank reads the same files and fails the same way)."""
+    if world().is_main:
+        print(f"velotune train: error: {message}", file=sys.stderr)
     return code
 
 
@@ -69,6 +78,10 @@ def run(args: argparse.Namespace) -> int:
     except VelotuneError as e:
         return _fail(str(e), 2)
     return run_.execute()
+
+
+def _quiet(*_args, **_kwargs) -> None:
+    """print_fn of the ranks other than 0 (their memory report is not printed)."""
 
 
 # ------------------------------------------------------------------------------ source checks
@@ -140,7 +153,8 @@ class _Run:
         cfg = self.cfg
         if self.out.exists() and not self.out.is_dir():
             raise VelotuneError(f"training.output_dir={self.out} is a file; pass a folder")
-        clean_interrupted_saves(self.out)
+        if world().is_main:  # the other ranks only read the folder
+            clean_interrupted_saves(self.out)
         found = checkpoints(self.out)
         resume = cfg.training.resume
         if resume is True:
@@ -211,10 +225,12 @@ class _Run:
             trainer = self._trainer(model, tok, train, evaluation)
         except VelotuneError as e:
             return _fail(str(e), 2)
-        self.out.mkdir(parents=True, exist_ok=True)
-        if not self.resume:
-            (self.out / CONFIG_COPY).write_text(cfg.to_yaml())
-        memory = MemoryReport().start()
+        main = world().is_main
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if not self.resume:
+                (self.out / CONFIG_COPY).write_text(cfg.to_yaml())
+        memory = MemoryReport(print_fn=print if main else _quiet).start()  # on this rank's GPU
         result, code = None, 0
         try:
             result = trainer.train(resume_from_checkpoint=self.resume)
@@ -241,18 +257,29 @@ class _Run:
                          "the earlier checkpoints are intact: free disk space, then resume=true")
             code = 1
         self.report["memory"] = memory.stop(result)
+        # Ranks that finished training or stopped at a non-finite step (gradients and logged losses are
+        # the same on every rank) are all here; a rank that failed alone (out of memory, ...) exits now,
+        # and the launcher stops the others.
+        together = code == 0 or self.guard.message is not None
         if self.guard.message:
-            self._status(f"stopped: non-finite at step {self.guard.step}", self.guard.message)
+            self._status(f"stopped: non-finite at step {self.guard.step}", self.guard.message, every_rank=False)
             code = 1
         elif code == 0:
             self.report["status"] = "completed"
-            code = self._export(model, tok)
-        self._finish(trainer)
-        return code
+            code = self._export(model, tok) if main else 0
+        if main:
+            self._finish(trainer)
+        # the others wait for rank 0's exports and report (a barrier), then exit with its code
+        return agree(code) if together else code
 
-    def _status(self, status: str, error: str) -> None:
+    def _status(self, status: str, error: str, every_rank: bool = True) -> None:
+        """Record a failed status; print it (on every rank, named, unless ``every_rank`` is False: then
+        only rank 0, for a stop that all ranks share)."""
         self.report["status"], self.report["error"] = status, error
-        print(f"velotune train: error: {error}", file=sys.stderr)
+        w = world()
+        if w.is_main or every_rank:
+            prefix = "" if w.is_main else f"(rank {w.rank}) "
+            print(f"velotune train: error: {prefix}{error}", file=sys.stderr)
 
     def _load_model(self):
         from ..api import FastLanguageModel
@@ -276,6 +303,7 @@ class _Run:
         return model, tok
 
     def _trainer(self, model, tok, train, evaluation):
+        import torch
         import trl
 
         from ..training import SFTTrainer, train_on_responses_only
@@ -293,6 +321,7 @@ class _Run:
             save_steps=t.save_steps, save_total_limit=t.save_total_limit,
             eval_strategy="steps" if evaluate else "no", eval_steps=(t.eval_steps or t.save_steps) if evaluate else None,
             report_to=t.report_to, dataset_text_field="text", max_length=self.cfg.model.max_seq_length,
+            use_cpu=not torch.cuda.is_available(),  # on a CPU machine, DDP (torchrun) runs over gloo
             packing=d.packing, dataset_num_proc=d.num_proc,
             logging_nan_inf_filter=False,  # a NaN loss must reach the log (and NonFiniteGuard), not be averaged away
             include_num_input_tokens_seen="non_padding")
@@ -327,7 +356,8 @@ class _Run:
 
         hist = history(trainer.state.log_history)
         r = self.report
-        r.update(versions=versions(), card=card(), steps=trainer.state.global_step, resumed_from=self.resume,
+        r.update(versions=versions(), card=card(), processes=world().size, steps=trainer.state.global_step,
+                 resumed_from=self.resume,
                  total_seconds=round(time.perf_counter() - self.t0, 2), train_seconds=round(self.stats.seconds, 2),
                  tokens={"seen": self.stats.tokens, "per_second": self.stats.tokens_per_second,
                          "session_steps": self.stats.steps},

@@ -8,8 +8,12 @@ OOM killer, preemption) leaves a ``checkpoint-N`` without its optimizer or train
 previous one is still there (old checkpoints are rotated only after the new one is in place).
 
 Leftovers of an interrupted save (``.tmp-checkpoint-*``) are removed when the next run starts
-(:func:`clean_interrupted_saves`). Multi-process runs keep transformers' own save (each rank writes its
-RNG state into the shared folder), said once.
+(:func:`clean_interrupted_saves`).
+
+Several processes (DDP): rank 0 writes the weights, optimizer, scheduler and trainer state; every rank
+writes its own ``rng_state_{rank}.pth`` (transformers' design, for an exact resume). They all write
+into one staging folder with a name every rank can compute (``.tmp-checkpoint-N-ddp``); a barrier
+waits for the last rank's file, then rank 0 renames the folder into place, as for one process.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from pathlib import Path
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from .._notices import VelotuneError, say, say_once
+from .._notices import VelotuneError, say
 
 _STAGING = ".tmp-" + PREFIX_CHECKPOINT_DIR
 _OLD = ".old-" + PREFIX_CHECKPOINT_DIR
@@ -123,14 +127,22 @@ class AtomicCheckpointMixin:
     """Mixed into a ``transformers.Trainer``: checkpoints are staged, fsynced and renamed into place."""
 
     def _save_checkpoint(self, model, trial):
-        if self.args.world_size > 1 or not self.args.should_save:
-            say_once("ckpt-multiprocess", "several processes: checkpoints are written by transformers in place "
-                     "(not atomically)")
-            return super()._save_checkpoint(model, trial)
+        from ..distributed import barrier
+
         run_dir = Path(self._get_output_dir(trial=trial))
-        run_dir.mkdir(parents=True, exist_ok=True)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING}-{self.state.global_step}-", dir=run_dir))
+        several = self.args.world_size > 1
+        publisher = self.args.should_save  # rank 0 (the main process of each node with save_on_each_node)
+        if several:
+            # one folder every rank computes the same way; a leftover of an interrupted run is removed first
+            staging = run_dir / f"{_STAGING}-{self.state.global_step}-ddp"
+            if publisher:
+                shutil.rmtree(staging, ignore_errors=True)
+                staging.mkdir(parents=True)
+            barrier()  # the folder exists (and is empty) before any rank writes into it
+        else:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING}-{self.state.global_step}-", dir=run_dir))
         limit = self.args.save_total_limit
         # transformers writes into _get_output_dir(trial)/checkpoint-N and rotates that folder; point it
         # at the staging folder (instance attributes shadow the methods), rotate the real folder after.
@@ -138,14 +150,21 @@ class AtomicCheckpointMixin:
         self.args.save_total_limit = None
         try:
             super()._save_checkpoint(model, trial)
-            best = self.state.best_model_checkpoint
-            if best and best.startswith(str(staging)):
-                self.state.best_model_checkpoint = str(run_dir / Path(best).name)
-                self.state.save_to_json(str(staging / name / TRAINER_STATE))
-            publish(staging / name, run_dir / name)
+            if several:
+                barrier()  # every rank's RNG state is in the staging folder
+            if publisher:
+                best = self.state.best_model_checkpoint
+                if best and best.startswith(str(staging)):
+                    self.state.best_model_checkpoint = str(run_dir / Path(best).name)
+                    self.state.save_to_json(str(staging / name / TRAINER_STATE))
+                publish(staging / name, run_dir / name)
         finally:  # a failed save (disk full, ...) leaves nothing half-written behind
             del self._get_output_dir
             self.args.save_total_limit = limit
-            shutil.rmtree(staging, ignore_errors=True)
-        rotate_checkpoints(output_dir=str(run_dir), save_total_limit=limit,
-                           best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+            if publisher:
+                shutil.rmtree(staging, ignore_errors=True)
+        if publisher:
+            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+        if several:
+            barrier()  # checkpoint-N is in place before any rank goes on (and might read or resume from it)

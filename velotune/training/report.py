@@ -87,7 +87,8 @@ def markdown(report: dict) -> str:
     lines = [
         f"# velotune run report: {report['status']}", "",
         f"- model: `{report['config']['model']['name']}`; data: `{report['config']['data']['path']}`",
-        f"- card: {report['card']}",
+        f"- card: {report['card']}" + (f" × {report['processes']} processes (DDP; memory and card of rank 0)"
+                                        if (report.get("processes") or 1) > 1 else ""),
         f"- steps: {report.get('steps')} (resumed from `{report['resumed_from']}`)" if report.get("resumed_from")
         else f"- steps: {report.get('steps')}",
         f"- training time: {_fmt(report.get('train_seconds'), '.1f')} s; total {_fmt(report.get('total_seconds'), '.1f')} s",

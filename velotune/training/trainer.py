@@ -8,6 +8,12 @@ velotune maps the old form onto the new one, so both run unchanged. Everything e
 Loss normalisation: TRL + transformers count the label tokens of the whole accumulated batch
 (``num_items_in_batch``) and each micro-batch's loss is ``sum(token losses) / num_items_in_batch``,
 so gradient accumulation equals the big batch exactly (tests/test_training.py checks it).
+
+Several processes (DDP, ``torchrun`` / ``accelerate launch``): with ``average_tokens_across_devices``
+(transformers' default) ``num_items_in_batch`` counts the label tokens of every rank's micro-batches,
+and each rank's loss is multiplied by the world size W, because DDP averages the gradients over ranks:
+mean_r(W * sum_r / N) = sum / N, the one-process loss of the same global batch (and the logged loss,
+averaged over ranks by the Trainer, is that loss too). tests/test_distributed.py checks it on 2 ranks.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import trl
 from transformers import TrainingArguments
 
 from .._notices import VelotuneError, say, say_once
+from ..distributed import destroy_at_exit, world
 from .checkpoints import AtomicCheckpointMixin
 
 # Old-TRL trainer keywords -> SFTConfig field.
@@ -44,18 +51,22 @@ def _velotune_state(model):
 
 def to_sft_config(args, legacy: dict, model=None) -> trl.SFTConfig:
     """Build the ``SFTConfig`` TRL needs from ``args`` (None, TrainingArguments or SFTConfig) + legacy kwargs."""
+    st = _velotune_state(model) if model is not None else None
     if args is None:
         bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        args = trl.SFTConfig(output_dir="outputs", bf16=bf16, fp16=torch.cuda.is_available() and not bf16,
-                             report_to="none")
+        fields = dict(output_dir="outputs", bf16=bf16, fp16=torch.cuda.is_available() and not bf16, report_to="none")
     elif not isinstance(args, TrainingArguments):
         raise VelotuneError(f"args must be a transformers.TrainingArguments or trl.SFTConfig, got {type(args).__name__}")
     elif not isinstance(args, trl.SFTConfig):
         fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArguments)
                   if f.init and hasattr(args, f.name)}
-        args = trl.SFTConfig(**fields)
     else:
-        args = dataclasses.replace(args)
+        fields = None
+    # built once: each SFTConfig sets up accelerate's process state again
+    if fields is None:
+        args = dataclasses.replace(args, **_distributed_changes(lambda k: getattr(args, k), st is not None))
+    else:
+        args = trl.SFTConfig(**{**fields, **_distributed_changes(lambda k: fields.get(k), st is not None)})
     for old, new in _LEGACY_KEYS.items():
         if old not in legacy or legacy[old] is None:
             continue
@@ -67,10 +78,33 @@ def to_sft_config(args, legacy: dict, model=None) -> trl.SFTConfig:
                 f"{old}={value!r} given to SFTTrainer conflicts with args.{new}={current!r}; set it in one place"
             )
         setattr(args, new, value)
-    st = _velotune_state(model) if model is not None else None
     if st is not None and "max_seq_length" not in legacy and args.max_length == 1024:
         args.max_length = st.max_seq_length  # TRL's default 1024 -> the max_seq_length the model was loaded with
     return args
+
+
+def _distributed_changes(get, velotune_model: bool) -> dict:
+    """Argument changes a multi-process (DDP) run needs; ``get(name)`` reads the user's value (None if unset)."""
+    w = world()
+    if not w.distributed:
+        return {}
+    changes = {}
+    if not torch.cuda.is_available() and not get("use_cpu"):
+        # Without use_cpu, accelerate on a GPU-less machine sets up no DDP at all: every rank would train
+        # alone on the whole data set (no gradient all-reduce), silently.
+        changes["use_cpu"] = True
+        say_once("ddp-cpu", f"{w.size} processes on a machine without CUDA GPUs: DDP over the gloo backend "
+                 "(use_cpu=True)")
+    if velotune_model and get("ddp_find_unused_parameters") is None:
+        # Every trainable tensor (LoRA A/B, modules_to_save) takes part in every forward, so DDP need not
+        # walk the autograd graph each step to find unused ones (transformers turns that on for any model that
+        # is not a PreTrainedModel, a PeftModel included).
+        changes["ddp_find_unused_parameters"] = False
+    if get("average_tokens_across_devices") is False:
+        say_once("ddp-avg-tokens", "average_tokens_across_devices=False: each rank divides its loss by its own "
+                 "label tokens and DDP averages the ranks, which weighs the tokens of short micro-batches more "
+                 "than one process would; leave it True for the one-process loss")
+    return changes
 
 
 def _cpu_mixed_precision(args) -> None:
@@ -82,6 +116,39 @@ def _cpu_mixed_precision(args) -> None:
     args.fp16 = False
 
 
+def _shifted_labels(inputs):
+    """The labels each position predicts ([B, T-1], or the collator's shift_labels), or None."""
+    labels = inputs.get("shift_labels")
+    if labels is None:
+        labels = inputs.get("labels")
+        labels = labels[..., 1:] if labels is not None else None
+    return labels
+
+
+def _refuse_fsdp(enabled: bool) -> None:
+    if enabled:
+        raise VelotuneError(
+            "FSDP is not supported by velotune yet (its fast forward reads whole, unsharded weights; issue #8): "
+            "train with DDP instead, one whole model copy per GPU (torchrun --nproc_per_node N script.py, or "
+            "accelerate launch without an FSDP config; drop fsdp= from the arguments), with load_in_4bit=True "
+            "if the model is large")
+
+
+def _one_process_one_gpu(args) -> None:
+    """One process that sees several GPUs: train on the current one (where velotune put the model).
+
+    transformers would otherwise wrap a 16-bit model in ``torch.nn.DataParallel`` (one process driving
+    every GPU, which velotune's loss normalisation and fast forward do not support) and multiply the
+    batch size by the GPU count. DDP is the way to use them all."""
+    if world().distributed or args.n_gpu <= 1:
+        return
+    n = args.n_gpu
+    args._n_gpu = 1  # transformers does the same for a model split over GPUs (Trainer.is_model_parallel)
+    say_once("one-process-gpus", f"this process sees {n} CUDA GPUs; training on one (cuda:"
+             f"{torch.cuda.current_device()}). To train on all {n}: torchrun --nproc_per_node {n} your_script.py "
+             "(DDP), or CUDA_VISIBLE_DEVICES to pick one")
+
+
 class SFTTrainer(AtomicCheckpointMixin, trl.SFTTrainer):
     """TRL's ``SFTTrainer``, accepting the seed's keywords too; checkpoints are saved atomically.
 
@@ -90,6 +157,10 @@ class SFTTrainer(AtomicCheckpointMixin, trl.SFTTrainer):
     ``eval_packing``, ``neftune_noise_alpha``, ``model_init_kwargs``, and ``args`` as a plain
     ``TrainingArguments``. Without a tokenizer, the one ``FastLanguageModel.from_pretrained`` loaded
     is used; without ``max_seq_length``, the one the model was loaded with.
+
+    Under ``torchrun`` / ``accelerate launch`` (DDP) the same call trains on every rank: the loss is
+    normalised over all ranks' label tokens (the one-process loss of the global batch), rank 0 alone
+    saves; on a GPU-less machine the ranks run over gloo (``use_cpu=True``). FSDP is refused.
     """
 
     def __init__(self, model=None, args=None, data_collator=None, train_dataset=None, eval_dataset=None,
@@ -117,14 +188,22 @@ class SFTTrainer(AtomicCheckpointMixin, trl.SFTTrainer):
                 f"train_dataset has no {text_field!r} column (columns: {cols}); format it first (e.g. "
                 "dataset.map(get_alpaca_formatter(tokenizer), batched=True)) or pass dataset_text_field="
             )
+        if st is not None:
+            _refuse_fsdp(bool(args.fsdp))
+            _one_process_one_gpu(args)
+        if world().distributed:
+            destroy_at_exit()
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
+        if st is not None:
+            _refuse_fsdp(self.is_fsdp_enabled)  # also set by an accelerate config (accelerate launch)
         # Our compute_loss divides by num_items_in_batch itself: the Trainer must not also divide by the
         # number of accumulation steps.
         self.model_accepts_loss_kwargs = True
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Loss = sum of label-token losses / label tokens in the whole accumulated batch.
+        """Loss = sum of label-token losses / label tokens in the whole accumulated batch (all ranks' under
+        DDP, the loss then times the world size: DDP averages gradients and the Trainer averages losses).
 
         The model computes it from ``labels`` and ``num_items_in_batch`` (HF's causal-LM loss: fp32
         logits, shifted labels, ignore_index -100). A batch whose labels are all masked counts as one
@@ -137,24 +216,29 @@ class SFTTrainer(AtomicCheckpointMixin, trl.SFTTrainer):
             loss = torch.zeros((), device=self.args.device, requires_grad=True)
             return (loss, None) if return_outputs else loss
         inputs = {**inputs, "use_cache": False}
+        if num_items_in_batch is None and not model.training and self.args.average_tokens_across_devices \
+                and self.accelerator.num_processes > 1:
+            # TRL's prediction_step passes no count: count this evaluation step's label tokens on every rank
+            # (each rank evaluates the same number of batches), so the eval loss is one process's too.
+            labels = _shifted_labels(inputs)
+            if labels is not None:
+                num_items_in_batch = self.accelerator.gather((labels != -100).sum().reshape(1)).sum()
         if num_items_in_batch is not None:
             inputs["num_items_in_batch"] = torch.clamp(torch.as_tensor(num_items_in_batch), min=1)
         if "labels" not in inputs and "shift_labels" not in inputs:
             raise VelotuneError("the batch has no labels; use a causal-LM collator (SFTTrainer's default does this)")
         outputs = model(**inputs)
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None and model.training:
-            # num_items_in_batch counts every rank's tokens; DDP averages gradients across ranks.
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # num_items_in_batch counts every rank's tokens; DDP averages gradients across ranks, and the
+            # Trainer averages the logged (and evaluation) losses across ranks: times W gives sum / N.
             loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
 
     def _all_labels_masked(self, inputs) -> bool:
         """True (and counted, said) for a micro-batch whose every label is -100; one process only (with
         several, every rank must run the same forward/backward for DDP's gradient sync)."""
-        labels = inputs.get("shift_labels")
-        if labels is None:
-            labels = inputs.get("labels")
-            labels = labels[..., 1:] if labels is not None else None
+        labels = _shifted_labels(inputs)
         # one host sync per micro-batch (tens of microseconds on a GPU; a step is 100s of ms)
         if labels is None or self.accelerator.num_processes > 1 or bool((labels != -100).any()):
             return False

@@ -1,0 +1,327 @@
+"""DDP on the CPU (gloo, 2 processes launched by torchrun): the same numbers as one process, rank 0 writes.
+
+A 2-rank run with per-rank micro-batch b and the 1-process run with micro-batch 2b see the same rows
+at every step (accelerate hands rank r the r-th slice of each global batch), so with the loss
+normalised over all ranks' label tokens their loss curves, gradient norms, evaluation loss and final
+LoRA weights agree up to fp32 summation order. The ranks are separate processes started with
+``python -m torch.distributed.run``; OMP_WAIT_POLICY=PASSIVE / OMP_NUM_THREADS=1 keep two of them
+from slowing each other 10-25x on a 2-core machine.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed
+import yaml
+
+from velotune import VelotuneError, _notices
+from velotune.distributed import World, rank_device_map, world
+
+REPO = Path(__file__).resolve().parents[1]
+# fp32, 3 SGD steps: the ranks' gradients are summed in another order than one process sums them.
+# Measured: loss 1.2e-7 and eval loss 6e-8 relative, grad norm equal, LoRA weights 7.5e-9 absolute (|w| <= 0.125).
+# The bugs these guard against are far larger: no world-size factor halves loss and grad norm (0.5 relative);
+# each rank dividing by its own tokens moves the loss 4e-4, the grad norm 4e-2, the weights 3e-4.
+# (SGD, not Adam: Adam divides by sqrt(v), which turns fp32 noise in near-zero gradients into 4e-5 weight
+# differences.)
+LOSS_RTOL, GRAD_RTOL, WEIGHT_ATOL, WEIGHT_RTOL = 2e-6, 1e-5, 1e-6, 1e-5
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="needs torch.distributed with the gloo backend")
+
+# The user's script: the same file runs as one process and under torchrun.
+TRAIN_SCRIPT = '''
+import sys
+import torch
+from transformers import TrainingArguments
+from velotune import FastLanguageModel, SFTTrainer, get_alpaca_formatter
+from velotune.data.bundled import load_alpaca_dataset
+
+model_dir, out, results, bs, ga = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+model, tok = FastLanguageModel.from_pretrained(model_dir, max_seq_length=256, load_in_4bit=False, dtype=torch.float32)
+model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing=True)
+if sys.argv[6:] == ["graphs"]:  # the CUDA-graph stack Function, emulated on CPU (models/graphs.py)
+    from velotune import set_cuda_graphs
+    from velotune.models import graphs
+    graphs.EMULATE_ON_CPU = True
+    set_cuda_graphs(model, True)
+rows = load_alpaca_dataset().select(range(40)).map(get_alpaca_formatter(tok), batched=True)
+# every other row cut to ~15 tokens: the ranks' micro-batches hold very different token counts
+rows = rows.map(lambda r, i: {"text": r["text"][:40] + tok.eos_token if i % 2 else r["text"]}, with_indices=True)
+args = TrainingArguments(output_dir=out, per_device_train_batch_size=bs, per_device_eval_batch_size=bs,
+                         gradient_accumulation_steps=ga, max_steps=3, learning_rate=2e-2, warmup_steps=0,
+                         lr_scheduler_type="constant", logging_steps=1, optim="sgd", seed=3407,
+                         save_strategy="no", report_to="none")
+trainer = SFTTrainer(model=model, tokenizer=tok, train_dataset=rows.select(range(32)),
+                     eval_dataset=rows.select(range(32, 40)), dataset_text_field="text", max_seq_length=256, args=args)
+counts, inner = [], trainer.compute_loss
+
+
+def counting(model, inputs, return_outputs=False, num_items_in_batch=None):
+    loss = inner(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+    if model.training:  # (this rank's label tokens, the count the loss is divided by, the loss)
+        counts.append((int((inputs["labels"][..., 1:] != -100).sum()), int(num_items_in_batch), loss.item()))
+    return loss
+
+
+trainer.compute_loss = counting
+trainer.train()
+eval_loss = trainer.evaluate()["eval_loss"]
+torch.save({"processes": trainer.accelerator.num_processes, "parallel_mode": str(trainer.args.parallel_mode),
+            "loss": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+            "grad_norm": [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h],
+            "eval_loss": eval_loss, "counts": counts,
+            "lora": {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n},
+            "captures": __import__("velotune.models.graphs", fromlist=["x"]).state_of(model.get_base_model()).captures},
+           f"{results}/rank{trainer.args.process_index}.pt")
+'''
+
+# `velotune train` under torchrun, recording (with an audit hook) what each rank creates, writes, renames
+# or removes under the output folder. safetensors (Rust) and torch.save (C++) write files unseen, but
+# every save here also creates folders or writes JSON from Python, which is seen.
+CLI_SCRIPT = '''
+import json, os, sys
+out, log, config = os.path.realpath(sys.argv[1]), sys.argv[2], sys.argv[3]
+events = []
+_WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND
+
+
+def record(event, path):
+    if isinstance(path, (str, bytes, os.PathLike)):
+        p = os.path.realpath(os.fsdecode(path))
+        if p == out or p.startswith(out + os.sep):
+            events.append((event, os.path.relpath(p, out)))
+
+
+def hook(event, args):
+    if event == "open" and isinstance(args[2], int) and args[2] & _WRITE:
+        record(event, args[0])
+    elif event in ("os.mkdir", "os.rename", "os.remove", "os.rmdir", "shutil.rmtree"):
+        record(event, args[0])
+
+
+sys.addaudithook(hook)
+from velotune.cli import main
+
+code = main(["train", config])
+rank = os.environ["RANK"]
+with open(f"{log}/rank{rank}.json", "w") as f:
+    json.dump({"code": code, "events": events}, f)
+sys.exit(code)
+'''
+
+
+def _env() -> dict:
+    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", PYTHONPATH=path)
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def _run(cmd: list[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        said = "\n".join(line for line in (proc.stdout + proc.stderr).splitlines() if "/s]" not in line)
+        pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}\n{said[-8000:]}")
+    return proc
+
+
+def _torchrun(nproc: int) -> list[str]:
+    # --standalone: a rendezvous on a free local port, so parallel test sessions do not collide
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+
+
+def _sharp_model(tiny_dir, folder: Path) -> str:
+    """The tiny llama with its lm_head scaled 30x: confident, mostly wrong predictions, so the token
+    losses spread from ~0 to ~30 nats (at random init they all sit near ln(512) = 6.2, and a mean over
+    each rank's tokens would then equal the mean over all tokens to 5e-6: no test could tell them apart)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = tiny_dir("llama")
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(src).save_pretrained(folder)
+    return str(folder)
+
+
+def test_two_ranks_equal_one_process(tiny_dir, tmp_path):
+    """Global batch 8 (1 process: 4 x 2 accumulation; 2 ranks: 2 x 2 accumulation each): same losses,
+    gradient norms, eval loss and final LoRA weights; the loss divisor counts both ranks' tokens."""
+    script = tmp_path / "train_script.py"
+    script.write_text(TRAIN_SCRIPT)
+    model = _sharp_model(tiny_dir, tmp_path / "sharp")
+    results = {}
+    for name, launcher, bs, extra in (("one", [sys.executable], 4, []), ("ddp", _torchrun(2), 2, []),
+                                      ("ddp-graphs", _torchrun(2), 2, ["graphs"])):
+        res = tmp_path / f"results-{name}"
+        res.mkdir()
+        _run(launcher + [str(script), model, str(tmp_path / f"out-{name}"), str(res), str(bs), "2", *extra], tmp_path)
+        results[name] = {p.stem: torch.load(p, weights_only=True) for p in sorted(res.glob("rank*.pt"))}
+    one, (r0, r1) = results["one"]["rank0"], (results["ddp"]["rank0"], results["ddp"]["rank1"])
+    assert one["processes"] == 1 and r0["processes"] == r1["processes"] == 2
+    assert r0["parallel_mode"].endswith("DISTRIBUTED") and not r0["parallel_mode"].endswith("NOT_DISTRIBUTED")
+
+    # every micro-batch is divided by the label tokens of the whole accumulated global batch, all ranks
+    divisors_one = [n for _, n, _ in one["counts"]]
+    assert [n for _, n, _ in r0["counts"]] == [n for _, n, _ in r1["counts"]] == divisors_one
+    per_rank_mean = []  # what each rank dividing by its own tokens would have logged (the bug this guards)
+    for step in range(3):  # 2 micro-batches per step on each rank
+        mbs = [run["counts"][2 * step:2 * step + 2] for run in (r0, r1)]
+        assert sum(c for mb in mbs for c, _, _ in mb) == divisors_one[2 * step]
+        sums = [sum(loss * n / 2 for _, n, loss in mb) for mb in mbs]  # rank loss = 2 * its sum / N
+        per_rank_mean.append(sum(total / sum(c for c, _, _ in mb) for total, mb in zip(sums, mbs)) / 2)
+    assert [c for c, _, _ in r0["counts"]] != [c for c, _, _ in r1["counts"]]
+    off = max(abs(w - o) / o for w, o in zip(per_rank_mean, one["loss"]))
+    assert off > 10 * LOSS_RTOL, f"per-rank normalisation would be only {off:.1e} off: the test could not see it"
+
+    assert len(one["loss"]) == len(r0["loss"]) == 3
+    torch.testing.assert_close(torch.tensor(r0["loss"]), torch.tensor(one["loss"]), rtol=LOSS_RTOL, atol=0)
+    torch.testing.assert_close(torch.tensor(r0["grad_norm"]), torch.tensor(one["grad_norm"]), rtol=GRAD_RTOL, atol=0)
+    assert r0["eval_loss"] == pytest.approx(one["eval_loss"], rel=LOSS_RTOL)  # (each rank's own mean: 5e-3 off)
+    assert r0["loss"] == r1["loss"]  # the logged loss is the mean over ranks, the same on both
+    assert one["lora"].keys() == r0["lora"].keys()
+    moved = 0
+    for k, w in one["lora"].items():
+        assert torch.equal(r0["lora"][k], r1["lora"][k]), f"{k}: DDP ranks diverged"
+        torch.testing.assert_close(r0["lora"][k], w, rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL,
+                                   msg=lambda m, k=k: f"{k}: {m}")
+        moved += "lora_B" in k and bool(w.abs().max() > 1e-3)
+    assert moved > 0, "training did not move the LoRA B matrices (they start at zero)"
+
+    # the graph path returns every LoRA gradient from one autograd Function at the end of the stack's
+    # backward: DDP's gradient hooks must still fire and average them across ranks
+    g0, g1 = results["ddp-graphs"]["rank0"], results["ddp-graphs"]["rank1"]
+    assert g0["captures"] > 0 and one["captures"] == 0
+    torch.testing.assert_close(torch.tensor(g0["loss"]), torch.tensor(one["loss"]), rtol=LOSS_RTOL, atol=0)
+    for k, w in one["lora"].items():
+        assert torch.equal(g0["lora"][k], g1["lora"][k]), f"{k}: DDP ranks diverged with graphs"
+        torch.testing.assert_close(g0["lora"][k], w, rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL)
+
+
+def test_cli_rank0_writes_everything(tiny_dir, tmp_path):
+    """`torchrun -m velotune train` on 2 ranks: rank 0 writes the config copy, checkpoints, export and
+    report; rank 1 writes only its RNG state into the staged checkpoint; notices print once; the loss
+    curve equals the 1-process `velotune train` of the same global batch."""
+    out = tmp_path / "out"
+    cfg = {"model": {"name": tiny_dir("llama"), "max_seq_length": 128, "load_in_4bit": False},
+           "lora": {"r": 8, "lora_alpha": 16}, "data": {"path": "bundled:alpaca", "max_rows": 32},
+           "training": {"output_dir": str(out), "max_steps": 2, "save_steps": 2, "per_device_train_batch_size": 2,
+                        "gradient_accumulation_steps": 1, "learning_rate": 2e-2, "warmup_steps": 0,
+                        "logging_steps": 1, "optim": "sgd"},
+           "memory": {"gradient_checkpointing": False}, "export": {"methods": ["lora"]}}
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    (tmp_path / "cli_script.py").write_text(CLI_SCRIPT)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    proc = _run(_torchrun(2) + ["cli_script.py", str(out), str(logs), str(config)], tmp_path)
+
+    ranks = [json.loads((logs / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["code"] for r in ranks] == [0, 0]
+    # rank 1 only makes sure the staged checkpoint folder exists and puts its RNG state there (unseen: C++)
+    assert ranks[1]["events"] == [["os.mkdir", ".tmp-checkpoint-2-ddp/checkpoint-2"]], ranks[1]["events"]
+    written0 = [path for event, path in ranks[0]["events"] if event == "open"]  # (atomic saves: temp names)
+    for pattern in (r"^velotune_config\.yaml$", r"run_report\.json", r"run_report\.md", r"lora.*/adapter_config\.json$",
+                    r"^\.tmp-checkpoint-2-ddp/checkpoint-2/trainer_state\.json$"):
+        assert any(re.search(pattern, p) for p in written0), (pattern, written0)
+    assert ["os.rename", ".tmp-checkpoint-2-ddp/checkpoint-2"] in ranks[0]["events"]  # published by rank 0
+
+    files = {str(p.relative_to(out)) for p in out.rglob("*")}
+    assert {"checkpoint-2/rng_state_0.pth", "checkpoint-2/rng_state_1.pth", "checkpoint-2/trainer_state.json",
+            "lora/adapter_model.safetensors", "run_report.json"} <= files
+    assert not [f for f in files if f.startswith(".tmp-")], "a staging folder was left behind"
+    report = json.loads((out / "run_report.json").read_text())
+    assert report["status"] == "completed" and report["processes"] == 2 and report["steps"] == 2
+
+    said = proc.stderr + proc.stdout
+    assert said.count("velotune: DDP with 2 processes") == 1, said[-4000:]
+    assert said.count("velotune train: completed") == 1
+
+    # the same run in one process with the same global batch (2 ranks x 2 = 4 rows a step)
+    from velotune.cli import main
+
+    one = tmp_path / "one"
+    assert main(["train", str(config), f"training.output_dir={one}", "training.per_device_train_batch_size=4"]) == 0
+    single = json.loads((one / "run_report.json").read_text())
+    torch.testing.assert_close(torch.tensor([h["loss"] for h in report["history"]]),
+                               torch.tensor([h["loss"] for h in single["history"]]), rtol=LOSS_RTOL, atol=0)
+
+
+# ------------------------------------------------------------------------------ in-process, no launch
+@pytest.mark.parametrize("env, expected", [
+    ({}, World(0, 0, 1)),
+    ({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4"}, World(3, 1, 4)),
+])
+def test_world_from_launcher_environment(monkeypatch, env, expected):
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    w = world()
+    assert w == expected and w.is_main == (expected.rank == 0) and w.distributed == (expected.size > 1)
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(VelotuneError, match="WORLD_SIZE='two' is not an integer"):
+        world()
+
+
+def test_only_rank0_says(monkeypatch, notices):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert _notices.say_once("test-ddp-rank1", "from rank 1") is False
+    _notices.say("again from rank 1")
+    assert notices == []  # logged at DEBUG, below the velotune logger's INFO
+    monkeypatch.setenv("RANK", "0")
+    assert _notices.say_once("test-ddp-rank0", "from rank 0") is True
+    assert notices == ["from rank 0"]
+
+
+RANK1 = World(rank=1, local_rank=1, size=2)
+
+
+@pytest.mark.parametrize("device_map, expected", [
+    ("auto", {"": 1}), (None, {"": 1}), ({"": 1}, {"": 1}), ({"": "cuda:1"}, {"": "cuda:1"}), ("cuda:1", "cuda:1"),
+])
+def test_rank_device_map_puts_each_copy_on_its_gpu(device_map, expected):
+    assert rank_device_map(device_map, "cuda", RANK1, n_gpus=2) == expected
+
+
+@pytest.mark.parametrize("device_map, message", [
+    ("balanced", "splits the model over several GPUs"),
+    ({"model.layers.0": 0, "model.layers.1": 1}, "splits the model over cuda:0, cuda:1"),
+    ({"model": 1, "lm_head": "cpu"}, "splits the model over cpu, cuda:1"),
+    ({"": 0}, "puts rank 1's model on cuda:0, but its LOCAL_RANK=1 owns cuda:1"),
+])
+def test_rank_device_map_refuses_what_ddp_cannot_train(device_map, message):
+    with pytest.raises(VelotuneError, match=re.escape(message)):
+        rank_device_map(device_map, "cuda", RANK1, n_gpus=2)
+
+
+def test_rank_device_map_more_ranks_than_gpus_and_cpu():
+    with pytest.raises(VelotuneError, match=r"sees 1 CUDA GPU\(s\).*--nproc_per_node 1"):
+        rank_device_map("auto", "cuda", RANK1, n_gpus=1)
+    assert rank_device_map("auto", "cpu", RANK1, n_gpus=0) == {"": "cpu"}
+
+
+def test_fsdp_is_refused_with_the_fix(tiny_dir, tmp_path):
+    from transformers import TrainingArguments
+
+    from velotune import FastLanguageModel, SFTTrainer, get_alpaca_formatter
+    from velotune.data.bundled import load_alpaca_dataset
+
+    model, tok = FastLanguageModel.from_pretrained(tiny_dir("llama"), max_seq_length=64, load_in_4bit=False)
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8)
+    rows = load_alpaca_dataset().select(range(4)).map(get_alpaca_formatter(tok), batched=True)
+    args = TrainingArguments(output_dir=str(tmp_path), fsdp=True, max_steps=1, report_to="none")
+    with pytest.raises(VelotuneError, match=r"FSDP is not supported.*torchrun --nproc_per_node N"):
+        SFTTrainer(model=model, tokenizer=tok, train_dataset=rows, args=args)

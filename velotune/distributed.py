@@ -1,0 +1,178 @@
+"""Several processes, one model copy each (DDP): who this process is, where its copy goes, and the
+rank-0-only parts of a run.
+
+``torchrun --nproc_per_node N`` and ``accelerate launch`` start N copies of the same script and set
+``RANK`` (0..world-1), ``LOCAL_RANK`` (the index on this machine) and ``WORLD_SIZE`` in each. The
+process group itself is created later by accelerate, when the Trainer's arguments are built; until
+then these variables are the only source of truth, afterwards ``torch.distributed`` is.
+
+velotune's part is small, the rest is the Trainer's (transformers + accelerate wrap the model in
+``DistributedDataParallel``, shard the batches, all-reduce the gradients):
+
+- placement: each rank's whole model goes to ``cuda:LOCAL_RANK`` (``device_map="auto"`` would spread
+  it over every GPU of the machine, which DDP cannot train); :func:`rank_device_map`;
+- loss: the label tokens of the accumulated global batch are counted over all ranks, and each rank's
+  loss is multiplied by the world size to undo DDP's gradient averaging (``velotune.training``);
+- output: only rank 0 says notices, writes checkpoints (plus each rank's RNG state, transformers'
+  design for exact resume), the run report and the exports; :func:`barrier` keeps the others waiting.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+from dataclasses import dataclass
+
+from ._notices import VelotuneError
+
+# device_map strings that ask accelerate to split one model over several devices.
+_SPREADING = ("balanced", "balanced_low_0", "sequential")
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the launched ones: ``rank`` (global), ``local_rank`` (on this
+    machine; its GPU index), ``size`` (number of processes, 1 without a launcher)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """True for rank 0, the process that logs, saves and exports."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        """True when several processes train together."""
+        return self.size > 1
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise VelotuneError(f"environment variable {name}={value!r} is not an integer; it is set by the launcher "
+                            "(torchrun / accelerate launch): unset it to run one process") from None
+
+
+def _dist():
+    """``torch.distributed`` when a process group is up, else None (never imports torch itself)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist
+    return None
+
+
+def world() -> World:
+    """This process's :class:`World`, from the process group when it is up, else from the launcher's
+    environment variables (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``)."""
+    dist = _dist()
+    if dist is not None:
+        rank = dist.get_rank()
+        return World(rank=rank, local_rank=_env_int("LOCAL_RANK", rank), size=dist.get_world_size())
+    rank = _env_int("RANK", 0)
+    return World(rank=rank, local_rank=_env_int("LOCAL_RANK", rank), size=_env_int("WORLD_SIZE", 1))
+
+
+def is_main_process() -> bool:
+    """True unless this is a rank other than 0 of a launched multi-process run."""
+    return world().is_main
+
+
+def barrier() -> None:
+    """Wait until every rank gets here (no-op for one process). Every rank must call it, once."""
+    dist = _dist()
+    if dist is not None and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def agree(value: int) -> int:
+    """Rank 0's ``value`` on every rank (a barrier too); ``value`` itself for one process."""
+    dist = _dist()
+    if dist is None or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+_exit_hook = False
+
+
+def destroy_at_exit() -> None:
+    """Destroy the process group when the interpreter exits (registered once; no-op without one).
+
+    accelerate creates the group and nothing tears it down; gloo's threads still alive at interpreter
+    shutdown can then abort the process ("terminate called without an active exception", SIGABRT, seen
+    in 1 of 3 CPU runs here), and torchrun reports a failed run after a complete one."""
+    global _exit_hook
+    if not _exit_hook:
+        atexit.register(_destroy)
+        _exit_hook = True
+
+
+def _destroy() -> None:
+    dist = _dist()
+    if dist is not None:
+        dist.destroy_process_group()
+
+
+def _devices_of(device_map) -> set[str]:
+    """The set of devices a device_map names ("cuda:1", "cpu", "disk", ...)."""
+    values = device_map.values() if isinstance(device_map, dict) else [device_map]
+    out = set()
+    for v in values:
+        if isinstance(v, int) or (isinstance(v, str) and v.isdigit()):
+            out.add(f"cuda:{int(v)}")
+        elif str(v) == "cuda":
+            out.add("cuda:0")
+        else:
+            out.add(str(v))
+    return out
+
+
+def rank_device_map(device_map, device_type: str, w: World, n_gpus: int):
+    """The ``device_map`` for this rank's whole model copy under DDP, or a ``VelotuneError``.
+
+    Args:
+        device_map: what the user passed ("auto" / None, a device, or a dict module -> device).
+        device_type: "cuda" or "cpu" (where this machine trains).
+        w: this process's :class:`World` (``w.size > 1``).
+        n_gpus: CUDA GPUs visible to this process.
+
+    "auto" / None -> ``{"": LOCAL_RANK}`` on GPUs, ``{"": "cpu"}`` on a CPU machine. An explicit map is
+    kept when it puts the whole model on this rank's own device; a map that splits the model over
+    devices, offloads to CPU/disk, or puts two ranks on one GPU is refused with the fix.
+    """
+    if device_type != "cuda":
+        return {"": "cpu"} if device_map in ("auto", None) else device_map
+    if w.local_rank >= n_gpus:
+        raise VelotuneError(
+            f"LOCAL_RANK={w.local_rank} but this process sees {n_gpus} CUDA GPU(s): DDP needs one GPU per "
+            f"process; launch at most {n_gpus} per machine (torchrun --nproc_per_node {n_gpus}) or make more "
+            "GPUs visible (CUDA_VISIBLE_DEVICES)")
+    own = f"cuda:{w.local_rank}"
+    if device_map in ("auto", None):
+        return {"": w.local_rank}
+    if isinstance(device_map, str) and device_map in _SPREADING:
+        devices = {"several GPUs"}
+    else:
+        devices = _devices_of(device_map)
+    if devices == {own}:
+        return device_map
+    if len(devices) > 1 or devices & {"cpu", "disk", "meta", "several GPUs"}:
+        raise VelotuneError(
+            f"device_map={device_map!r} splits the model over {', '.join(sorted(devices))}, but DDP "
+            f"({w.size} processes) trains one whole copy per GPU; drop device_map (the default \"auto\" puts "
+            "rank r's copy on cuda:LOCAL_RANK), or run one process (python script.py) to split a model that "
+            "does not fit on one GPU")
+    (other,) = devices
+    raise VelotuneError(
+        f"device_map={device_map!r} puts rank {w.rank}'s model on {other}, but its LOCAL_RANK={w.local_rank} "
+        f"owns {own}: ranks would share a GPU; drop device_map (\"auto\" picks {own} here) or pass "
+        "device_map={'': int(os.environ['LOCAL_RANK'])}")
