@@ -57,3 +57,34 @@ def test_packed_rows_and_unknown_fields_pass_through():
     odd = lambda f: {**_collate(f), "token_type_ids": torch.zeros(len(f), max(map(len, f)), dtype=torch.long)}  # noqa: E731
     assert BucketPadding(odd, 3, 128)([[5, 6, 7]])["input_ids"].shape == (1, 3)
     assert pad([[5, 6, 7]])["input_ids"].shape == (1, 64)
+
+
+def test_sft_trainer_buckets_batches_when_graphs_will_run(tiny_dir, tmp_path, monkeypatch):
+    """SFTTrainer wraps its collator when the graph path trains the model (emulated here): the run's losses
+    equal an unbucketed run's, and the graphs see at most the bucket lengths."""
+    from transformers import TrainingArguments
+
+    from velotune import SFTTrainer, get_alpaca_formatter, set_cuda_graphs
+    from velotune.data.bundled import load_alpaca_dataset
+    from velotune.models import graphs
+    from velotune.training.buckets import BucketPadding
+
+    monkeypatch.setattr(graphs, "EMULATE_ON_CPU", True)
+    runs = {}
+    for mode in ("auto", False):
+        model, tok = FastLanguageModel.from_pretrained(tiny_dir(), max_seq_length=256, load_in_4bit=False)
+        model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, random_state=3)
+        set_cuda_graphs(model, mode)
+        ds = load_alpaca_dataset().select(range(12)).map(get_alpaca_formatter(tok), batched=True)
+        args = TrainingArguments(output_dir=str(tmp_path / str(mode)), per_device_train_batch_size=2, max_steps=4,
+                                 learning_rate=1e-2, logging_steps=1, optim="sgd", seed=3, report_to="none",
+                                 save_strategy="no")
+        trainer = SFTTrainer(model=model, tokenizer=tok, train_dataset=ds, dataset_text_field="text",
+                             max_seq_length=256, args=args)
+        assert isinstance(trainer.data_collator, BucketPadding) == (mode == "auto")
+        trainer.train()
+        st = graphs.state_of(model.get_base_model())
+        runs[mode] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        if mode == "auto":
+            assert 0 < st.captures and all(key[0][1] % 64 == 0 for key in st.sets)  # bucket lengths only
+    torch.testing.assert_close(torch.tensor(runs["auto"]), torch.tensor(runs[False]), rtol=1e-5, atol=1e-6)

@@ -60,3 +60,31 @@ class BucketPadding:
             return batch  # without a mask the extra tokens would look real
         batch.update(padded)  # a dict or transformers' BatchEncoding: keep its type
         return batch
+
+
+def wrap_trainer_collator(trainer, model, state) -> bool:
+    """Give ``trainer`` bucket padding when the CUDA-graph path will train this model: a velotune model
+    with gradient checkpointing, graphs not turned off, on CUDA, unpacked rows. Says so once. Returns
+    whether the collator was wrapped."""
+    from .._notices import say_once
+    from ..models import graphs
+
+    args = trainer.args
+    if state is None or not state.gradient_checkpointing or getattr(args, "packing", False) \
+            or getattr(args, "padding_free", False) or isinstance(trainer.data_collator, BucketPadding):
+        return False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if "_velotune_fast" not in base.__dict__ or graphs.state_of(base).mode is False:
+        return False
+    if args.device.type != "cuda" and not graphs.EMULATE_ON_CPU:
+        return False
+    tok = trainer.processing_class
+    pad = getattr(tok, "pad_token_id", None)
+    if pad is None or trainer.data_collator is None:
+        return False
+    max_length = getattr(args, "max_length", None) or state.max_seq_length
+    trainer.data_collator = BucketPadding(trainer.data_collator, pad, max_length)
+    say_once("bucket-padding", f"training batches are right-padded to multiples of {trainer.data_collator.step} "
+             f"tokens (at most {N_BUCKETS} lengths) so CUDA graphs can be reused; the loss is unchanged "
+             "(velotune.set_cuda_graphs(model, False) turns both off)")
+    return True

@@ -25,6 +25,7 @@ from transformers import TrainingArguments
 
 from .._notices import VelotuneError, say, say_once
 from ..distributed import destroy_at_exit, world
+from .buckets import wrap_trainer_collator
 from .checkpoints import AtomicCheckpointMixin
 
 # Old-TRL trainer keywords -> SFTConfig field.
@@ -200,6 +201,7 @@ class SFTTrainer(AtomicCheckpointMixin, trl.SFTTrainer):
         # Our compute_loss divides by num_items_in_batch itself: the Trainer must not also divide by the
         # number of accumulation steps.
         self.model_accepts_loss_kwargs = True
+        wrap_trainer_collator(self, model, st)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Loss = sum of label-token losses / label tokens in the whole accumulated batch (all ranks' under
