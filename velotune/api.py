@@ -91,6 +91,24 @@ def _rank_device_map(device_map, device_type: str, w):
     return placed
 
 
+def _attention_implementation(requested, config) -> str:
+    """The user's choice, else "sdpa"; "eager" (said) for soft-capped attention, which SDPA skips."""
+    capped = getattr(config, "attn_logit_softcapping", None)
+    if requested is not None:
+        if capped and requested == "sdpa":
+            say_once("softcap-sdpa", f"attn_implementation='sdpa' with {config.model_type}: HF's SDPA attention "
+                     "ignores its attention logit softcapping (generation and evaluation then differ from the "
+                     "model's math); velotune's training forward applies it either way. attn_implementation="
+                     "'eager' is exact")
+        return requested
+    if capped:
+        say_once("softcap-eager", f"{config.model_type} soft-caps its attention logits, which HF's SDPA attention "
+                 "skips: loading with attn_implementation='eager' (exact; velotune's training forward applies the "
+                 "cap itself)")
+        return "eager"
+    return "sdpa"
+
+
 def _load_tokenizer(names: list[str], token, revision, trust_remote_code):
     from transformers import AutoTokenizer
 
@@ -110,7 +128,7 @@ class FastLanguageModel:
     def from_pretrained(model_name: str, max_seq_length: int = 2048, dtype=None, load_in_4bit: bool = True,
                         load_in_8bit: bool = False, full_finetuning: bool = False, token=None, device_map="auto",
                         rope_scaling: dict | None = None, trust_remote_code: bool = False, revision=None,
-                        attn_implementation: str = "sdpa", fix_tokenizer: bool = True,
+                        attn_implementation: str | None = None, fix_tokenizer: bool = True,
                         use_gradient_checkpointing=None, **kwargs):
         """Load a model and its tokenizer for fine-tuning. Returns ``(model, tokenizer)``.
 
@@ -124,7 +142,9 @@ class FastLanguageModel:
                 float32 on CPU (see ``velotune.device.default_dtype``).
             load_in_4bit: NF4 with double quantisation (bitsandbytes), compute dtype = ``dtype`` (QLoRA).
             load_in_8bit: LLM.int8 weights. ``full_finetuning``: 16-bit weights, all trainable.
-            token, revision, trust_remote_code (off unless you turn it on), attn_implementation ("sdpa").
+            token, revision, trust_remote_code (off unless you turn it on), attn_implementation (None: "sdpa",
+                or "eager" for models with soft-capped attention logits (Gemma-2), which HF's SDPA path
+                would silently leave uncapped in generation and evaluation).
             device_map: "auto" puts the whole model on the current GPU (or the CPU). Under torchrun /
                 accelerate launch (several processes, DDP) each rank's copy goes to cuda:LOCAL_RANK; a
                 map that splits the model over devices is refused there (VelotuneError).
@@ -148,6 +168,7 @@ class FastLanguageModel:
         dtype = loading.resolve_dtype(dtype, device_type)
         config = AutoConfig.from_pretrained(base_name, token=token, revision=revision,
                                             trust_remote_code=trust_remote_code)
+        attn_implementation = _attention_implementation(attn_implementation, config)
         pre = loading.prequantized(config)
         load_in_4bit, load_in_8bit = loading.check_quant_flags(load_in_4bit, load_in_8bit, full_finetuning, pre)
         rope_note = loading.apply_rope_scaling(config, max_seq_length, rope_scaling)
