@@ -12,7 +12,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/card.
 if [[ $what == tests || $what == all ]]; then
   # the GPU tests, new ones first: graphs, offload, generation, Gemma-2, then the rest
   timeout 240 python -m pytest -q -p no:cacheprovider -m gpu tests/test_fast_forward_gpu.py 2>&1 | tail -15 | tee "$OUT/tests-ff.txt"
-  timeout 240 python -m pytest -q -p no:cacheprovider -m gpu --deselect tests/test_fast_forward_gpu.py 2>&1 | tail -8 | tee "$OUT/tests-rest.txt"
+  timeout 240 python -m pytest -q -p no:cacheprovider -m gpu --ignore=tests/test_fast_forward_gpu.py 2>&1 | tail -8 | tee "$OUT/tests-rest.txt"
 fi
 if [[ $what == train1b || $what == all ]]; then
   timeout 420 python bench/run_train_step.py --shapes 1b --peers velotune velotune_eager unsloth hf liger \
