@@ -244,7 +244,7 @@ def test_out_of_memory_gives_this_runs_numbers(tiny_dir, tmp_path, capsys, monke
     assert code == 1
     assert "velotune train: error: out of memory on CPU. For this run, change (most effective first):" in stderr
     assert "  - model.load_in_4bit: true (QLoRA" in stderr
-    assert "  - memory.gradient_checkpointing: unsloth (now False;" in stderr
+    assert "  - memory.gradient_checkpointing: true (now False;" in stderr
     assert ("  - training.per_device_train_batch_size: 1 with training.gradient_accumulation_steps: 4 (now 2 x 2: "
             "the same 4 rows per step") in stderr
     assert "CUDA out of memory. Tried to allocate 2.00 GiB" in stderr

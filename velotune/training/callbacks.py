@@ -126,10 +126,15 @@ def oom_advice(*, load_in_4bit: bool, max_seq_length: int, batch_size: int, grad
     tips = []
     if not load_in_4bit:
         tips.append("model.load_in_4bit: true (QLoRA: the frozen weights take about 4x less memory than 16-bit)")
-    offloaded = gradient_checkpointing in ("unsloth", "offload", "auto")
-    if not offloaded:
+    from ..models import offload
+
+    offloaded = gradient_checkpointing in ("unsloth", "offload")
+    if gradient_checkpointing is False:
+        tips.append("memory.gradient_checkpointing: true (now False; recompute checkpointing keeps each layer's "
+                    "input instead of all its activations)")
+    elif not offloaded and offload.ENABLED_ON_CUDA:
         tips.append(f"memory.gradient_checkpointing: unsloth (now {gradient_checkpointing!r}; offloaded "
-                    "checkpointing keeps one layer's activations on the GPU instead of all of them)")
+                    "checkpointing keeps layer inputs in host memory instead of on the GPU)")
     if batch_size > 1:
         tips.append(f"training.per_device_train_batch_size: {max(1, batch_size // 2)} with "
                     f"training.gradient_accumulation_steps: {grad_accum * 2} (now {batch_size} x {grad_accum}: "
