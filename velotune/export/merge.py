@@ -17,6 +17,7 @@ import torch
 
 from .._layers import (is_4bit, is_8bit, is_lora_layer, is_modules_to_save, is_quantized_linear,
                        saved_module)
+from .._progress import track
 from .._notices import VelotuneError, say
 from .atomic import atomic_directory, check_free_disk
 
@@ -255,7 +256,8 @@ def save_merged_16bit(model, save_directory, tokenizer=None, max_shard_size="5GB
         f"(~{need / 1024**3:.2f} GiB)")
     with atomic_directory(save_directory) as tmp:
         with torch.no_grad():
-            write_sharded(iter_merged_tensors(model, dtype), tmp, shard)
+            n = len(merged_tensor_shapes(model))
+            write_sharded(track(iter_merged_tensors(model, dtype), n, "merging LoRA + saving"), tmp, shard)
         _merged_config(model, dtype).save_pretrained(tmp)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         gen = getattr(base, "generation_config", None)

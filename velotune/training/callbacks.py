@@ -109,6 +109,35 @@ class RunStats(TrainerCallback):
         return self.tokens / self.seconds if self.seconds > 0 else None
 
 
+class ProgressPostfix(TrainerCallback):
+    """Shows the latest loss, learning rate, tokens/s (when the Trainer counts input tokens:
+    ``include_num_input_tokens_seen``) and peak GPU memory on the Trainer's own progress bar (tqdm
+    already shows steps, speed and ETA). ``last`` holds what was shown last."""
+
+    def __init__(self, progress_callback):
+        self.progress = progress_callback
+        self.last: dict = {}
+        self._t0, self._tok0 = None, 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._t0, self._tok0 = time.perf_counter(), state.num_input_tokens_seen
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        bar = getattr(self.progress, "training_bar", None)
+        if bar is None or not logs or "loss" not in logs:
+            return
+        post = {"loss": f"{logs['loss']:.4f}"}
+        if "learning_rate" in logs:
+            post["lr"] = f"{logs['learning_rate']:.2e}"
+        tokens = state.num_input_tokens_seen - self._tok0
+        if tokens > 0 and self._t0 is not None:
+            post["tok/s"] = f"{tokens / max(time.perf_counter() - self._t0, 1e-9):,.0f}"
+        if torch.cuda.is_available():
+            post["mem"] = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}GiB"
+        bar.set_postfix(post, refresh=False)
+        self.last = post
+
+
 def _last_checkpoint(output_dir: str) -> str | None:
     from .checkpoints import checkpoints
 

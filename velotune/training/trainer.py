@@ -26,6 +26,7 @@ from transformers import TrainingArguments
 from .._notices import VelotuneError, say, say_once
 from ..distributed import destroy_at_exit, world
 from .buckets import wrap_trainer_collator
+from .callbacks import ProgressPostfix
 from .checkpoints import AtomicCheckpointMixin
 
 # Old-TRL trainer keywords -> SFTConfig field.
@@ -202,6 +203,11 @@ class SFTTrainer(AtomicCheckpointMixin, trl.SFTTrainer):
         # number of accumulation steps.
         self.model_accepts_loss_kwargs = True
         wrap_trainer_collator(self, model, st)
+        from transformers.trainer_callback import ProgressCallback
+
+        bar = next((c for c in self.callback_handler.callbacks if isinstance(c, ProgressCallback)), None)
+        if bar is not None:
+            self.add_callback(ProgressPostfix(bar))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Loss = sum of label-token losses / label tokens in the whole accumulated batch (all ranks' under

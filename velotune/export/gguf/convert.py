@@ -38,6 +38,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from . import mixes, quants, vocab as vocab_mod
+from ..._progress import track
 
 
 @dataclass(frozen=True)
@@ -335,7 +336,7 @@ def _write_into(w: gguf.GGUFWriter, plan: _Plan, method, v, tensors, device, rdt
             f.seek(start + e.offset)
             f.write(memoryview(_tensor_bytes(e, llama3_rope_factors(plan.config), None, None)))
             done.add(e.name)
-    for hf, t in tensors:
+    for hf, t in track(tensors, len(plan.entries) - len(done), f"GGUF {method.name}"):
         e = plan.entry(hf)
         if e is None:
             continue
