@@ -132,8 +132,10 @@ def test_packed_varlen_matches_padded(tmp_path, monkeypatch, use_varlen):
 
 
 @pytest.mark.parametrize("family,gc,graphed", [("llama", True, True), ("qwen3", True, True), ("gemma", True, True),
-                                                ("llama", "unsloth", True), ("llama", "unsloth", False)],
-                         ids=["llama", "qwen3", "gemma", "llama-offload-graphs", "llama-offload-eager"])
+                                                ("llama", "unsloth", True), ("llama", "unsloth", False),
+                                                ("llama", False, True), ("qwen3", "auto", True)],
+                         ids=["llama", "qwen3", "gemma", "llama-offload-graphs", "llama-offload-eager",
+                              "llama-keep", "qwen3-auto"])
 def test_cuda_graphs_train_like_eager(family, gc, graphed, tmp_path, monkeypatch):
     """Real capture (models/graphs.py), and offloaded checkpointing (ring + host copies in the graphs,
     or models/offload.py without graphs): 4 QLoRA steps give the recompute path's losses and weights. Same kernels on the same inputs; only autograd's accumulation order inside a layer's
@@ -142,6 +144,9 @@ def test_cuda_graphs_train_like_eager(family, gc, graphed, tmp_path, monkeypatch
     from velotune.models import graphs, offload
 
     monkeypatch.setattr(offload, "ENABLED_ON_CUDA", True)  # until this test has passed, off by default
+    monkeypatch.setattr(graphs, "KEEP_ON_CUDA", True)  # likewise for the keep / auto policies
+    if gc == "auto":  # the planner's mix: the first layer kept, the others recomputed
+        monkeypatch.setattr(graphs, "plan_keep", lambda policy, n, *a, **k: [i == 0 for i in range(n)])
     path = _make(family, tmp_path)
     runs = {}
     for mode in (False, True):

@@ -57,9 +57,14 @@ def _captures(model):
     return graphs.state_of(model.get_base_model()).captures
 
 
-@pytest.mark.parametrize("family,gc", [("llama", True), ("qwen3", True), ("llama", "unsloth"), ("qwen3", "offload")])
-def test_graph_path_trains_like_eager(tiny_dir, emulate, family, gc):
-    """gc=True: static buffer per layer input; "unsloth"/"offload": ring of three slots + host copies."""
+@pytest.mark.parametrize("family,gc", [("llama", True), ("qwen3", True), ("llama", "unsloth"), ("qwen3", "offload"),
+                                       ("llama", False), ("qwen3", "auto")])
+def test_graph_path_trains_like_eager(tiny_dir, emulate, family, gc, monkeypatch):
+    """gc=True: static buffer per layer input; "unsloth"/"offload": ring of three slots + host copies;
+    False: layers recorded with their activations (no recompute); "auto": the planner's mix (here layer 0
+    kept, layer 1 recomputed)."""
+    if gc == "auto":
+        monkeypatch.setattr(graphs, "plan_keep", lambda policy, n, *a, **k: [i == 0 for i in range(n)])
     eager = _model(tiny_dir, family)
     set_cuda_graphs(eager, False)
     graphed = _model(tiny_dir, family, gc=gc)
@@ -69,7 +74,8 @@ def test_graph_path_trains_like_eager(tiny_dir, emulate, family, gc):
     l_g, w_g = _train(graphed, 4, accumulate=2)
     assert _captures(graphed) == 1 and _captures(eager) == 0
     gs = next(iter(graphs.state_of(graphed.get_base_model()).sets.values()))
-    assert gs.offload == (gc is not True) and len(gs.xs) == (3 if gs.offload else 2 + 1)
+    assert gs.offload == (gc in ("unsloth", "offload")) and len(gs.xs) == (3 if gs.offload else 2 + 1)
+    assert gs.keep == {False: [True, True], "auto": [True, False]}.get(gc, [False, False])
     # same ops on the same data; only autograd's summation order of a few gradients may differ
     torch.testing.assert_close(torch.tensor(l_g), torch.tensor(l_e), rtol=1e-5, atol=1e-6)
     assert all(not torch.equal(w_e[n], w0[n]) for n in w0)  # every weight moved: a real comparison
@@ -119,7 +125,7 @@ def test_second_forward_before_backward_raises(tiny_dir, emulate):
         first.backward()
 
 
-def test_not_used_for_padding_mask_eval_or_without_checkpointing(tiny_dir, emulate):
+def test_not_used_for_padding_mask_or_eval(tiny_dir, emulate):
     model = _model(tiny_dir)
     set_cuda_graphs(model, True)
     ids = _ids(0)
@@ -138,10 +144,11 @@ def test_not_used_for_padding_mask_eval_or_without_checkpointing(tiny_dir, emula
     right_pad[0, -3:] = 0  # right padding in training: causal attention is exact, graphs apply
     model(input_ids=ids, attention_mask=right_pad, labels=ids).loss.backward()
     assert _captures(model) == 1
-    no_gc = _model(tiny_dir, gc=False)
+    no_gc = _model(tiny_dir, gc=False)  # no checkpointing: graphs record the layers with their activations
     set_cuda_graphs(no_gc, True)
     no_gc(input_ids=ids, labels=ids).loss.backward()
-    assert _captures(no_gc) == 0
+    assert _captures(no_gc) == 1
+    assert next(iter(graphs.state_of(no_gc.get_base_model()).sets.values())).keep == [True, True]
 
 
 def test_disabling_the_adapter_is_not_replayed_with_it(tiny_dir, emulate):
@@ -212,3 +219,33 @@ def test_offloaded_checkpointing_without_graphs_trains_like_recompute(tiny_dir, 
     torch.testing.assert_close(torch.tensor(l_o), torch.tensor(l_p), rtol=1e-5, atol=1e-6)
     for n in w_p:
         torch.testing.assert_close(w_o[n], w_p[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_memory_planner_keeps_what_fits():
+    gib = 2**30
+    # 80 GiB card, 70 free, 1 GiB per layer: 70 - max(8, 2) reserve - 2 temporaries = 60 layers of 32 -> all
+    assert graphs.plan_keep("auto", 32, gib, None, (70 * gib, 80 * gib)) == [True] * 32
+    # 20 free: 20 - 8 - 2 = 10 layers kept, the first ten
+    assert graphs.plan_keep("auto", 32, gib, None, (20 * gib, 80 * gib)) == [i < 10 for i in range(32)]
+    # a budget: 0.25 of the card = 20 GiB (free is more) -> 18; in bytes: 6 GiB -> 4; never below 0
+    assert sum(graphs.plan_keep("auto", 32, gib, 0.25, (70 * gib, 80 * gib))) == 18
+    assert sum(graphs.plan_keep("auto", 32, gib, 6 * gib, (70 * gib, 80 * gib))) == 4
+    assert graphs.plan_keep("auto", 32, gib, None, (5 * gib, 80 * gib)) == [False] * 32
+    # the other policies, and no measurement (CPU): nothing to plan
+    assert graphs.plan_keep("keep", 3, None) == [True] * 3
+    assert graphs.plan_keep("recompute", 3, gib, None, (70 * gib, 80 * gib)) == [False] * 3
+    assert graphs.plan_keep("auto", 3, None, None, None) == [False] * 3
+
+
+def test_set_memory_budget(tiny_dir):
+    from velotune import set_memory_budget
+
+    model = _model(tiny_dir)
+    set_memory_budget(model, 12.5)
+    assert graphs.state_of(model.get_base_model()).memory_budget == int(12.5 * 2**30)
+    set_memory_budget(model, 0.5)
+    assert graphs.state_of(model.get_base_model()).memory_budget == 0.5
+    set_memory_budget(model, 40)
+    assert graphs.state_of(model.get_base_model()).memory_budget == 40 * 2**30
+    with pytest.raises(ValueError, match="give GiB"):
+        set_memory_budget(model, -1)

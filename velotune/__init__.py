@@ -10,7 +10,7 @@ from .api import FastLanguageModel
 from .data.alpaca import alpaca_prompt, alpaca_prompt_no_input, format_alpaca, get_alpaca_formatter
 from .data.chat_templates import get_chat_template
 from .data.sharegpt import standardize_sharegpt
-from .models.graphs import set_cuda_graphs
+from .models.graphs import set_cuda_graphs, set_memory_budget
 from .device import MemoryReport, default_dtype, is_bfloat16_supported, memory_report
 from .training.responses_only import train_on_responses_only
 from .training.trainer import SFTTrainer
@@ -26,6 +26,7 @@ __all__ = [
     "memory_report",
     "MemoryReport",
     "set_cuda_graphs",
+    "set_memory_budget",
     "alpaca_prompt",
     "alpaca_prompt_no_input",
     "format_alpaca",

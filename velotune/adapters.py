@@ -124,8 +124,9 @@ def gradient_checkpointing_mode(value) -> bool:
     if value == "auto":
         say_once(
             "gc-auto",
-            "use_gradient_checkpointing='auto': the memory planner is not implemented yet; using recompute "
-            "checkpointing (same numerics; 'unsloth' / 'offload' keep layer inputs in host memory instead)",
+            "use_gradient_checkpointing='auto': the memory planner (keep as many layers' activations as "
+            "velotune.set_memory_budget allows, recompute the rest) is written but awaits its GPU test; using "
+            "recompute checkpointing (same numerics)",
         )
         return True
     return bool(value)

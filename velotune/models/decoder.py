@@ -309,8 +309,8 @@ def _backbone(self, spec, input_ids, attention_mask, position_ids):
     layers = backbone.layers[: config.num_hidden_layers]
     attn_plans = [_layer_attention(layer, config, spec, plan, t, x.device) for layer in layers]
     offload = gc and _offload_requested(self) and offload_mod.available(x)
-    if gc:
-        out = _graphed_stack(self, layers, x, plan, attn_plans, position_ids, offload)
+    if self.training and torch.is_grad_enabled():
+        out = _graphed_stack(self, layers, x, plan, attn_plans, position_ids, _policy(self, gc, offload))
         if out is not None:
             return _norm(out, backbone.norm, plan)
     for layer, attn_plan in zip(layers, attn_plans):
@@ -351,13 +351,23 @@ def _adapter_signature(model, layers) -> tuple:
     return tuple(sig)
 
 
+def _policy(model, gc: bool, offload: bool) -> str:
+    """How the graph path gets each layer's activations to the backward (graphs.POLICIES)."""
+    if not gc:
+        return "keep"
+    if offload:
+        return "offload"
+    st = getattr(model, "_velotune", None)
+    return "auto" if getattr(st, "gradient_checkpointing", None) == "auto" else "recompute"
+
+
 def _offload_requested(model) -> bool:
     """use_gradient_checkpointing="unsloth" / "offload": layer inputs go to pinned host memory."""
     st = getattr(model, "_velotune", None)
     return getattr(st, "gradient_checkpointing", None) in ("unsloth", "offload")
 
 
-def _graphed_stack(model, layers, x, plan, attn_plans, position_ids, offload=False):
+def _graphed_stack(model, layers, x, plan, attn_plans, position_ids, policy="recompute"):
     """The decoder stack through CUDA graphs (models/graphs.py), or None for the eager loop."""
     from . import graphs
 
@@ -377,7 +387,7 @@ def _graphed_stack(model, layers, x, plan, attn_plans, position_ids, offload=Fal
 
     max_len = getattr(getattr(model, "_velotune", None), "max_seq_length", 0) or 0
     return graphs.run_stack(model, layers, x, run_layer, key_extra=_adapter_signature(model, layers),
-                            check=lambda: all(_graph_fusable(layer, plan) for layer in layers), offload=offload,
+                            check=lambda: all(_graph_fusable(layer, plan) for layer in layers), policy=policy,
                             max_tokens=x.shape[0] * max(max_len, x.shape[1]))
 
 

@@ -99,6 +99,41 @@ def _capture(fn, pool, emulate: bool, what: str) -> _Replay:
 
 _RING = 3  # GPU slots for layer inputs when they are offloaded (x[l] lives in slot l % 3)
 
+# Per layer, how its activations reach the backward: "keep" (recorded with grad: no recompute, all
+# activations stay; use_gradient_checkpointing=False), "recompute" (True), "offload" ("unsloth" /
+# "offload"), "auto" (the planner, plan_keep: keep as many layers as the memory budget allows, recompute
+# the rest).
+POLICIES = ("keep", "recompute", "offload", "auto")
+# "keep" and "auto" record forwards with grad and replay a retained backward; CPU-tested (emulated),
+# not yet run on a GPU: until tests/test_fast_forward_gpu.py::test_cuda_graphs_train_like_eager[*-keep /
+# *-auto] passes there, those policies run eagerly on CUDA (as before graphs). Flip after that run.
+KEEP_ON_CUDA = False
+_AUTO_RESERVE = 0.10  # "auto" without a budget: leave this fraction of the card free ...
+_AUTO_RESERVE_MIN = 2 << 30  # ... and at least this much (the loss, optimizer and allocator slack)
+
+
+def plan_keep(policy: str, n: int, layer_bytes, budget=None, mem_info=None) -> list:
+    """Which layers keep their activations (True) instead of recomputing them.
+
+    "auto": keep the first ``k`` layers, ``k = usable // layer_bytes``, where usable is ``budget`` bytes
+    (an int), a fraction of the card (a float <= 1), or by default the free memory minus 10% of the card
+    (at least 2 GiB) and two layers' worth for the recompute temporaries. ``mem_info``: (free, total)
+    bytes, as ``torch.cuda.mem_get_info()``; without it (or without ``layer_bytes``) nothing is kept.
+    """
+    if policy == "keep":
+        return [True] * n
+    if policy != "auto" or not layer_bytes or mem_info is None:
+        return [False] * n
+    free, total = mem_info
+    if budget is None:
+        usable = free - max(_AUTO_RESERVE * total, _AUTO_RESERVE_MIN) - 2 * layer_bytes
+    elif isinstance(budget, float) and budget <= 1.0:
+        usable = min(free, budget * total) - 2 * layer_bytes
+    else:
+        usable = min(free, int(budget)) - 2 * layer_bytes
+    k = max(0, min(n, int(usable // layer_bytes)))
+    return [i < k for i in range(n)]
+
 
 class _Arena:
     """Static buffers shared by every graph set of one model.
@@ -137,10 +172,13 @@ class GraphSet:
     kernel each), so the graphs' own memory pool holds only temporaries, shared by all sets.
     """
 
-    def __init__(self, run_layer, layers, x_example: torch.Tensor, autocast, emulate: bool, offload: bool,
-                 arena: _Arena, pool=None, min_numel: int = 0):
+    def __init__(self, run_layer, layers, x_example: torch.Tensor, autocast, emulate: bool, policy: str,
+                 arena: _Arena, pool=None, min_numel: int = 0, budget=None):
         self.run_layer, self.layers, self.autocast, self.emulate = run_layer, list(layers), autocast, emulate
-        self.offload = offload
+        if policy not in POLICIES:
+            raise ValueError(f"checkpointing policy {policy!r}: one of {POLICIES}")
+        self.policy = policy
+        self.offload = offload = policy == "offload"
         self.params = [[p for p in layer.parameters() if p.requires_grad] for layer in self.layers]
         self.flat_params = [p for ps in self.params for p in ps]
         self.ptrs = self.current_ptrs()
@@ -161,7 +199,9 @@ class GraphSet:
             self.ready = [None] * n  # event: host[l] is back in its slot
         self.arena_generation = arena.generation
         self.used = [None] * n  # per layer: which parameters got a gradient at capture
-        self._warm_up(x_example)
+        self.saved = [None] * n  # kept layers: (input, output) of the recorded forward, whose graph holds
+        self.layer_bytes = self._warm_up(x_example)  # activations one kept layer holds (CUDA), else None
+        self.keep = plan_keep(policy, n, self.layer_bytes, budget, None if emulate else torch.cuda.mem_get_info())
         self.fwd = [_capture(lambda i=i: self._forward(i), pool, emulate, f"the forward of layer {i}")
                     for i in range(n)]
         self.bwd = [_capture(lambda i=i: self._backward(i), pool, emulate, f"the backward of layer {i}")
@@ -182,6 +222,14 @@ class GraphSet:
         return self.xs[i % _RING] if self.offload else self.xs[i]
 
     def _forward(self, i: int):
+        if self.keep[i]:  # record with grad: the layer's saved activations live in the graph's pool
+            with torch.enable_grad():
+                xr = self.input_of(i).detach().requires_grad_(True)
+                with torch.autocast(**self.autocast):
+                    out = self.run_layer(self.layers[i], xr)
+            self.saved[i] = (xr, out)
+            self.input_of(i + 1).copy_(out.detach())
+            return ()
         with torch.no_grad(), torch.autocast(**self.autocast):
             self.input_of(i + 1).copy_(self.run_layer(self.layers[i], self.input_of(i)))
         return ()
@@ -189,11 +237,21 @@ class GraphSet:
     def _backward(self, i: int):
         n = len(self.layers)
         src, dst = self.dbuf[(n - 1 - i) % 2], self.dbuf[(n - i) % 2]
+        if self.keep[i]:  # no recompute: backward through the graph the forward recorded
+            xr, out = self.saved[i]
+            grads = torch.autograd.grad(out, [xr] + self.params[i], grad_outputs=src, allow_unused=True,
+                                        retain_graph=not self.emulate)  # replayed every step on CUDA
+            if self.emulate:
+                self.saved[i] = None
+            return self._store_grads(i, dst, grads)
         with torch.enable_grad():
             xr = self.input_of(i).detach().requires_grad_(True)
             with torch.autocast(**self.autocast):
                 out = self.run_layer(self.layers[i], xr)
             grads = torch.autograd.grad(out, [xr] + self.params[i], grad_outputs=src, allow_unused=True)
+        return self._store_grads(i, dst, grads)
+
+    def _store_grads(self, i: int, dst, grads):
         dst.copy_(grads[0])
         for buf, g in zip(self.gbuf[i], grads[1:]):
             if g is not None:
@@ -266,9 +324,10 @@ class GraphSet:
         recompute + backward), so each kernel variant is compiled and each library plan built before
         capture: nothing may load a module or allocate a library workspace while capturing."""
         if self.emulate:
-            return
+            return None
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
+        layer_bytes = None
         with torch.cuda.stream(side):
             for _ in range(_WARMUP_STEPS):
                 x = x0
@@ -277,12 +336,16 @@ class GraphSet:
                         self.run_layer(layer, x)
                     with torch.enable_grad():
                         xr = x.detach().requires_grad_(True)
+                        before = torch.cuda.memory_allocated()
                         with torch.autocast(**self.autocast):
                             out = self.run_layer(layer, xr)
+                        if layer_bytes is None:  # what keeping this layer's activations costs
+                            layer_bytes = torch.cuda.memory_allocated() - before
                         torch.autograd.grad(out, [xr] + [p for p in layer.parameters() if p.requires_grad],
                                             grad_outputs=torch.ones_like(out), allow_unused=True)
                     x = out.detach()
         torch.cuda.current_stream().wait_stream(side)
+        return layer_bytes
 
 
 class _StackFunction(torch.autograd.Function):
@@ -314,6 +377,7 @@ class _State:
         self.broken: Optional[str] = None
         self.arena = _Arena()
         self.pool = None  # one CUDA graph memory pool for every set (temporaries only)
+        self.memory_budget = None  # the "auto" planner's budget (plan_keep)
 
     def __deepcopy__(self, memo):
         return _State(self.mode)  # a copied model records its own graphs (CUDA graphs cannot be copied)
@@ -331,6 +395,21 @@ def state_of(model) -> _State:
     if st is None:
         st = model.__dict__["_velotune_graphs"] = _State("auto")
     return st
+
+
+def set_memory_budget(model, budget) -> None:
+    """Memory the ``use_gradient_checkpointing="auto"`` planner may use for the layers' activations: GiB
+    (a number > 1) or a fraction of the card (<= 1); None: the free memory minus 10% of the card (at
+    least 2 GiB). Applies to the next capture (graphs are recorded again)."""
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0):
+        raise ValueError(f"set_memory_budget({budget!r}): give GiB (a number > 1) or a fraction of the card (<= 1)")
+    if budget is not None:
+        budget = int(budget * 2**30) if budget > 1 else float(budget)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    st = state_of(base)
+    new = _State(st.mode)
+    new.memory_budget = budget
+    base.__dict__["_velotune_graphs"] = new
 
 
 def set_cuda_graphs(model, mode) -> None:
@@ -358,13 +437,13 @@ def _autocast_state(device_type: str) -> dict:
 
 
 def run_stack(model, layers, x: torch.Tensor, run_layer, key_extra=(), check=lambda: True,
-              offload: bool = False, max_tokens: int = 0) -> Optional[torch.Tensor]:
+              policy: str = "recompute", max_tokens: int = 0) -> Optional[torch.Tensor]:
     """The stack's output through CUDA graphs, or None when the eager path should run.
 
     ``run_layer(layer, x)`` is the eager layer (its attention plan must hold only tensors that live as
     long as the model, e.g. the cached RoPE tables); ``key_extra`` is anything else that decides which
     kernels a layer runs (the adapters' state); ``check()`` says whether every layer can be recorded,
-    asked once before a capture; ``offload`` keeps layer inputs in pinned host memory (GraphSet);
+    asked once before a capture; ``policy`` says how activations reach the backward (POLICIES);
     ``max_tokens`` sizes the shared buffers for the longest batch expected (batch x max_seq_length).
     """
     st = state_of(model)
@@ -373,8 +452,10 @@ def run_stack(model, layers, x: torch.Tensor, run_layer, key_extra=(), check=lam
     emulate = x.device.type != "cuda"
     if emulate and not EMULATE_ON_CPU:
         return None
+    if policy in ("keep", "auto") and not emulate and not KEEP_ON_CUDA:
+        return None
     ac = _autocast_state(x.device.type)
-    key = (tuple(x.shape), x.dtype, str(x.device), ac["enabled"], ac["dtype"], len(layers), offload, key_extra)
+    key = (tuple(x.shape), x.dtype, str(x.device), ac["enabled"], ac["dtype"], len(layers), policy, key_extra)
     gs = st.sets.get(key)
     if gs is not None and gs.current_ptrs() != gs.ptrs:
         st.sets.pop(key).close()  # parameters were replaced or (un)frozen: record again
@@ -392,8 +473,8 @@ def run_stack(model, layers, x: torch.Tensor, run_layer, key_extra=(), check=lam
         if st.pool is None and not emulate:
             st.pool = torch.cuda.graph_pool_handle()
         try:
-            gs = GraphSet(run_layer, layers, x.detach(), ac, emulate, offload, st.arena, st.pool,
-                          min_numel=max_tokens * x.shape[-1])
+            gs = GraphSet(run_layer, layers, x.detach(), ac, emulate, policy, st.arena, st.pool,
+                          min_numel=max_tokens * x.shape[-1], budget=st.memory_budget)
         except Exception as e:  # noqa: BLE001 - any capture failure: say why, stay eager (same numerics)
             st.broken = f"{type(e).__name__}: {e}"
             say(f"CUDA graphs could not be captured ({st.broken[:300]}); training continues without them "
@@ -403,8 +484,12 @@ def run_stack(model, layers, x: torch.Tensor, run_layer, key_extra=(), check=lam
         for k in [k for k, other in st.sets.items() if other.arena_generation != st.arena.generation]:
             st.sets.pop(k).close()  # recorded against buffers the arena has since replaced
         st.sets[key] = gs
+        kept = sum(gs.keep)
+        how = {"offload": "layer inputs offloaded to host memory", "recompute": "recompute checkpointing",
+               "keep": "activations kept"}.get(policy, f"{kept} of {len(layers)} layers keep their activations, "
+                                               f"the rest recompute (memory planner)")
         say(f"CUDA graphs: captured {len(layers)} layers for batch {tuple(x.shape[:2])} in "
-            f"{time.perf_counter() - t:.1f} s" + (" (layer inputs offloaded to host memory)" if offload else ""))
+            f"{time.perf_counter() - t:.1f} s ({how})")
     else:
         st.sets.move_to_end(key)
     return _StackFunction.apply(gs, x, *gs.flat_params)
