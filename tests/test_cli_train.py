@@ -215,3 +215,26 @@ def test_small_model_example_runs(real_model_dir, tmp_path, capsys):
     adapter = json.loads((out / "lora" / "adapter_config.json").read_text())
     assert adapter["r"] == 16 and sorted(adapter["target_modules"]) == sorted(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+def test_memory_section_reaches_the_model(tiny_dir, tmp_path, capsys, monkeypatch):
+    """memory.cuda_graphs and memory.memory_budget are applied to the model the run trains."""
+    from velotune.models import graphs
+
+    states = []
+    real = graphs.set_memory_budget
+
+    def spy(model, budget):
+        real(model, budget)
+        states.append(graphs.state_of(model.get_base_model()))
+
+    monkeypatch.setattr(graphs, "set_memory_budget", spy)
+    code, _, _ = train(write_config(tmp_path, tiny_dir(), training={"max_steps": 1, "save_steps": 1},
+                                    memory={"gradient_checkpointing": "auto", "cuda_graphs": False,
+                                            "memory_budget": 0.5}), capsys=capsys)
+    assert code == 0 and len(states) == 1
+    assert states[0].mode is False and states[0].memory_budget == 0.5
+    from velotune.config import parse_config
+
+    with pytest.raises(Exception, match="cuda_graphs"):
+        parse_config({"memory": {"cuda_graphs": "sometimes"}})

@@ -135,7 +135,14 @@ class TrainingConfig:
 class MemoryConfig:
     gradient_checkpointing: bool | Literal["unsloth", "offload", "auto"] = _f(
         "unsloth", "true: recompute activations in backward; false: keep them (fastest, most memory); "
-                   "unsloth / offload / auto: offloaded checkpointing (least memory)")
+                   "unsloth / offload: offloaded checkpointing (least memory); auto: keep what memory_budget "
+                   "allows, recompute the rest (GPU, CUDA graphs)")
+    memory_budget: float | None = _f(
+        None, "gradient_checkpointing auto: GiB (> 1) or fraction of the card (<= 1) that kept activations "
+              "may use; default the free memory minus 10% of the card")
+    cuda_graphs: bool | Literal["auto"] = _f(
+        "auto", "record each layer's kernels once and replay them (GPU): auto (the first 8 batch shapes), "
+                "true (every shape), false (never; same numerics, slower)")
 
 
 @dataclass

@@ -300,6 +300,11 @@ class _Run:
             model, r=lora.r, target_modules=lora.target_modules, lora_alpha=lora.lora_alpha,
             lora_dropout=lora.lora_dropout, bias=lora.bias, use_gradient_checkpointing=gc,
             random_state=lora.random_state, use_rslora=lora.use_rslora, modules_to_save=lora.modules_to_save)
+        from ..models.graphs import set_cuda_graphs, set_memory_budget
+
+        set_cuda_graphs(model, self.cfg.memory.cuda_graphs)
+        if self.cfg.memory.memory_budget is not None:
+            set_memory_budget(model, self.cfg.memory.memory_budget)
         return model, tok
 
     def _trainer(self, model, tok, train, evaluation):
