@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import re
 
-import pytest
 from transformers import TrainingArguments
 from transformers.utils import logging as hf_logging
 

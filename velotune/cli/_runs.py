@@ -18,6 +18,7 @@ Nothing here loads a model: only file names, ``run_report.json`` and ``velotune_
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,3 +144,14 @@ def pick_from_run(run: Path, order: tuple[str, ...]) -> Pick:
     raise VelotuneError(f"{run} is a velotune train run folder but holds no final export (lora/, merged_16bit/) and "
                         f"no complete checkpoint-N{hint}; train until the first save (training.save_steps), or "
                         "pass a model or adapter folder")
+
+
+def resolve_run(prog: str, label: str, value: str, run: Path, order: tuple[str, ...], err) -> tuple[Path, str | None]:
+    """A CLI argument that named a run folder -> (the folder picked from it, its kind), said on stderr;
+    ``err(message)`` (exits 2) when the run holds nothing usable."""
+    try:
+        pick = pick_from_run(run, order)
+    except VelotuneError as e:
+        err(f"{label} {e}")
+    print(f"velotune {prog}: {value} is a run folder: using {pick.path} ({pick.why})", file=sys.stderr)
+    return pick.path, folder_kind(pick.path)

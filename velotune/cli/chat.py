@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from .._notices import VelotuneError, say
-from ._runs import folder_kind, pick_from_run, run_config
+from ._runs import folder_kind, resolve_run, run_config
 
 COMMANDS = {"/reset": "forget the conversation (the --system message stays)", "/exit": "end the chat",
             "/quit": "end the chat", "/help": "list these commands"}
@@ -75,13 +75,9 @@ def _resolve(args: argparse.Namespace) -> tuple[Path, str, int | None]:
         err(f"MODEL {args.model} holds no config.json (model), adapter_config.json (PEFT adapter) or velotune train "
             "run (run_report.json, checkpoint-N); point it at the folder that holds one")
     if kind == "run":
-        try:
-            pick = pick_from_run(folder, RUN_ORDER)
-        except VelotuneError as e:
-            err(f"MODEL {e}")
-        print(f"velotune chat: {args.model} is a run folder: using {pick.path} ({pick.why})", file=sys.stderr)
+        path, kind = resolve_run("chat", "MODEL", args.model, folder, RUN_ORDER, err)
         trained = (run_config(folder).get("model") or {}).get("max_seq_length")
-        return pick.path, folder_kind(pick.path), trained if isinstance(trained, int) and trained > 0 else None
+        return path, kind, trained if isinstance(trained, int) and trained > 0 else None
     return folder, kind, None
 
 

@@ -19,8 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .._notices import VelotuneError
-from ._runs import folder_kind, pick_from_run, run_config
+from ._runs import folder_kind, resolve_run, run_config
 
 TARGETS = ("merged_16bit", "lora", "gguf")
 DEFAULT_QUANT = "q8_0"  # what save_pretrained_gguf's default "fast_quantized" means
@@ -80,12 +79,8 @@ def _check(args: argparse.Namespace) -> str:
             "(Hugging Face model) nor a velotune train run (run_report.json, checkpoint-N); point it at the folder "
             "that holds one")
     if kind == "run":
-        try:
-            pick = pick_from_run(source, RUN_ORDER)
-        except VelotuneError as e:
-            err(f"SOURCE {e}")
-        print(f"velotune export: {args.source} is a run folder: using {pick.path} ({pick.why})", file=sys.stderr)
-        args.source, kind = str(pick.path), folder_kind(pick.path)
+        path, kind = resolve_run("export", "SOURCE", args.source, source, RUN_ORDER, err)
+        args.source = str(path)
         _run_defaults(args, source, kind)
     if args.max_seq_length is None:
         args.max_seq_length = DEFAULT_MAX_SEQ
