@@ -5,25 +5,23 @@ recompute, backward), each costing the CPU 10-100 us in Python, torch's dispatch
 launcher, while the GPU finishes most of them sooner (bench/NOTES.md). A CUDA graph records a
 layer's kernels once and replays them with one call.
 
-What is captured, per decoder layer ``l`` (gradient checkpointing on, so the memory is that of
-recompute):
+What is captured, per decoder layer ``l``, by policy (POLICIES, from use_gradient_checkpointing):
 
-* forward graph ``F_l``: ``x[l+1] = layer_l(x[l])`` under no_grad. ``x[l]`` are static buffers chained
-  through the stack (F_l reads F_{l-1}'s output), kept until backward exactly as checkpointing keeps
-  each layer's input.
-* backward graph ``B_l``: recompute ``layer_l(x[l])`` with grad, then ``torch.autograd.grad`` of it
-  against the incoming gradient, giving ``dx[l]`` and the gradients of the layer's trainable
-  parameters (LoRA A/B) in static buffers. ``dy``/``dx`` ping-pong between two buffers.
-
-One ``autograd.Function`` runs the stack: forward replays F_0..F_{L-1}, backward replays
-B_{L-1}..B_0 and returns the static parameter gradients (autograd's AccumulateGrad copies or adds
-them into ``.grad``, so gradient accumulation works as usual). All graphs share one memory pool and
-are replayed in capture order, so the recompute temporaries of one layer reuse the memory of the
-previous one.
+* "recompute" (True): forward graph ``F_l``: ``x[l+1] = layer_l(x[l])`` under no_grad, ``x[l]`` static
+  buffers chained through the stack and kept until backward, as checkpointing keeps each layer's
+  input; backward graph ``B_l``: recompute ``layer_l(x[l])`` with grad, then ``torch.autograd.grad``
+  against the incoming gradient, giving ``dx[l]`` and the layer's parameter gradients (LoRA A/B) in
+  static buffers. ``dy``/``dx`` ping-pong between two buffers.
+* "offload" ("unsloth" / "offload"): as "recompute", but the layer inputs pass through three GPU slots
+  and wait in pinned host memory (GraphSet).
+* "keep" (False): ``F_l`` runs with grad, so its activations stay in the graphs' pool; ``B_l`` is the
+  backward of that recorded graph (no recompute). "auto": the first layers keep, the rest recompute,
+  as many as the memory budget allows (plan_keep). Both are CPU-tested and off on CUDA until their GPU
+  test has run (KEEP_ON_CUDA).
 
 Numerics are those of the eager fast forward: the same kernels run on the same inputs (the graphs
 are recorded from that code). When graphs are used (all must hold, checked per call):
-CUDA, training, grad enabled, gradient checkpointing on, plain causal attention (no padding mask
+CUDA, training, grad enabled, plain causal attention (no padding mask
 beyond right padding, no packed rows, no sliding window shorter than the batch), positions
 0..T-1, every projection of every layer on the fused LoRA path (no dropout, no 8-bit base). A capture
 costs about two eager steps and is kept per batch shape (up to 8 shapes; their static buffers are
