@@ -249,3 +249,19 @@ def test_set_memory_budget(tiny_dir):
     assert graphs.state_of(model.get_base_model()).memory_budget == 40 * 2**30
     with pytest.raises(ValueError, match="give GiB"):
         set_memory_budget(model, -1)
+
+
+def test_frozen_weights_moved_are_recorded_again(tiny_dir, emulate):
+    """A graph reads frozen weights by address too: storage that moved (e.g. .to(device) and back)
+    must not be replayed from the old address."""
+    model = _model(tiny_dir)
+    set_cuda_graphs(model, True)
+    ids = _ids(0)
+    model(input_ids=ids, labels=ids).loss.backward()
+    base = next(m for n, m in model.named_modules() if n.endswith("layers.0.self_attn.q_proj")).base_layer
+    with torch.no_grad():
+        base.weight.data = base.weight.data.clone() * 2  # new storage, new values
+    loss = model(input_ids=ids, labels=ids).loss
+    assert _captures(model) == 2
+    set_cuda_graphs(model, False)
+    torch.testing.assert_close(loss, model(input_ids=ids, labels=ids).loss)

@@ -213,7 +213,10 @@ class GraphSet:
             torch.cuda.current_stream().wait_stream(self.side)
 
     def current_ptrs(self):
-        return [(p.data_ptr(), p.requires_grad) for p in self.flat_params]
+        """Where every tensor the graphs read lives: all parameters and buffers of the layers (frozen 4-bit
+        storage included: moving the model re-allocates it) and whether each parameter trains."""
+        ptrs = [(p.data_ptr(), p.requires_grad) for layer in self.layers for p in layer.parameters()]
+        return ptrs + [b.data_ptr() for layer in self.layers for b in layer.buffers()]
 
     def input_of(self, i: int) -> torch.Tensor:
         """The static GPU buffer that holds layer ``i``'s input (``i == len(layers)``: the output)."""
