@@ -193,3 +193,40 @@ def test_generation_matches_hf(tmp_path, monkeypatch, load_in_4bit):
         set_fast_forward(model, fast)
         outs[fast] = model.generate(**enc, max_new_tokens=24, do_sample=False)
     assert torch.equal(outs[True], outs[False])
+
+
+def test_cuda_graphs_packed_rows(tmp_path, monkeypatch):
+    """Packed rows (varlen attention with offsets padded by empty sequences, positions restarting) through
+    real CUDA graphs, boundaries moving every batch: the eager losses and weights. When this passes, set
+    graphs.STATIC_INPUTS_ON_CUDA = True."""
+    from velotune import set_cuda_graphs
+    from velotune.models import graphs
+
+    monkeypatch.setattr(graphs, "STATIC_INPUTS_ON_CUDA", True)
+    path = _make("llama", tmp_path)
+    runs = {}
+    for mode in (False, True):
+        model = _lora(path, load_in_4bit=True)
+        set_cuda_graphs(model, mode)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        gen = torch.Generator(device="cuda").manual_seed(3)
+        losses = []
+        for step in range(4):
+            cut = 100 + 97 * step
+            pos = torch.cat([torch.arange(cut), torch.arange(512 - cut)]).expand(2, -1).cuda()
+            ids = torch.randint(3, 500, (2, 512), device="cuda", generator=gen)
+            labels = ids.clone()
+            labels[:, cut] = -100
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, position_ids=pos, labels=labels).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        assert graphs.state_of(model.get_base_model()).captures == int(mode)
+        runs[mode] = losses, {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+        del model, opt
+    (l_e, w_e), (l_g, w_g) = runs[False], runs[True]
+    assert max(abs(a - b) for a, b in zip(l_e, l_g)) < 2e-3, (l_e, l_g)
+    for n in w_e:
+        assert _rel(w_g[n], w_e[n]) < 2e-2, (n, _rel(w_g[n], w_e[n]))

@@ -125,30 +125,70 @@ def test_second_forward_before_backward_raises(tiny_dir, emulate):
         first.backward()
 
 
-def test_not_used_for_padding_mask_or_eval(tiny_dir, emulate):
+def test_not_used_in_eval_or_without_grad(tiny_dir, emulate):
     model = _model(tiny_dir)
     set_cuda_graphs(model, True)
     ids = _ids(0)
-    left_pad = torch.ones_like(ids)
-    left_pad[0, :3] = 0
-    model(input_ids=ids, attention_mask=left_pad, labels=ids).loss.backward()
     with torch.no_grad():
         model(input_ids=ids, labels=ids)
     model.eval()
     model(input_ids=ids, labels=ids)
-    model.train()
-    packed = torch.cat([torch.arange(10), torch.arange(14)]).expand(2, -1)
-    model(input_ids=ids, position_ids=packed, labels=ids).loss.backward()
     assert _captures(model) == 0
+    model.train()
     right_pad = torch.ones_like(ids)
-    right_pad[0, -3:] = 0  # right padding in training: causal attention is exact, graphs apply
+    right_pad[0, -3:] = 0  # right padding in training: causal attention is exact, no mask needed
     model(input_ids=ids, attention_mask=right_pad, labels=ids).loss.backward()
     assert _captures(model) == 1
+    gs = next(iter(graphs.state_of(model.get_base_model()).sets.values()))
+    assert gs.inputs == {}  # nothing per call: plain causal attention, positions 0..T-1
     no_gc = _model(tiny_dir, gc=False)  # no checkpointing: graphs record the layers with their activations
     set_cuda_graphs(no_gc, True)
     no_gc(input_ids=ids, labels=ids).loss.backward()
     assert _captures(no_gc) == 1
     assert next(iter(graphs.state_of(no_gc.get_base_model()).sets.values())).keep == [True, True]
+
+
+def _left_padded(seed):
+    ids = _ids(seed)
+    mask = torch.ones_like(ids)
+    mask[0, : 3 + seed % 5] = 0
+    return dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+
+
+def _packed(seed):
+    g = torch.Generator().manual_seed(seed)
+    cut = int(torch.randint(4, 20, (1,), generator=g))  # a different example boundary every batch
+    pos = torch.cat([torch.arange(cut), torch.arange(24 - cut)]).expand(2, -1).clone()
+    ids = _ids(seed)
+    labels = ids.clone()
+    labels[:, cut] = -100
+    return dict(input_ids=ids, position_ids=pos, labels=labels)
+
+
+@pytest.mark.parametrize("make", [_left_padded, _packed], ids=["left-padding-mask", "packed-rows"])
+def test_batches_with_attention_inputs_train_like_eager(tiny_dir, emulate, make):
+    """Masks, packed-row starts and positions change every batch: the graphs read static copies that
+    are refilled every call (the second and third batch replay what the first recorded)."""
+    runs = {}
+    for mode in (False, True):
+        model = _model(tiny_dir)
+        set_cuda_graphs(model, mode)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+        losses = []
+        for step in range(3):
+            loss = model(**make(step)).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        runs[mode] = losses, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        if mode:
+            st = graphs.state_of(model.get_base_model())
+            assert st.captures == 1 and next(iter(st.sets.values())).inputs  # recorded once, replayed twice
+    (l_e, w_e), (l_g, w_g) = runs[False], runs[True]
+    torch.testing.assert_close(torch.tensor(l_g), torch.tensor(l_e), rtol=1e-5, atol=1e-6)
+    for n in w_e:
+        torch.testing.assert_close(w_g[n], w_e[n], rtol=1e-5, atol=1e-6, msg=n)
 
 
 def test_disabling_the_adapter_is_not_replayed_with_it(tiny_dir, emulate):

@@ -88,6 +88,14 @@ def _varlen():
 class Segments:
     """Cumulative sequence lengths of a packed batch, flattened over rows (built once per forward)."""
 
+    @classmethod
+    def of(cls, cu, max_len: int) -> "Segments":
+        """Offsets given directly (the CUDA-graph path: a static buffer padded with empty sequences, and
+        an upper bound of the lengths)."""
+        seg = cls.__new__(cls)
+        seg.cu, seg.max_len = cu, int(max_len)
+        return seg
+
     def __init__(self, restart):
         b, t = restart.shape
         starts = restart.clone()

@@ -368,27 +368,74 @@ def _offload_requested(model) -> bool:
 
 
 def _graphed_stack(model, layers, x, plan, attn_plans, position_ids, policy="recompute"):
-    """The decoder stack through CUDA graphs (models/graphs.py), or None for the eager loop."""
+    """The decoder stack through CUDA graphs (models/graphs.py), or None for the eager loop.
+
+    The per-call attention inputs (positions, packed-row starts and sequence offsets, masks) become
+    static inputs of the graphs: the layers read the set's own copies, refilled every call."""
     from . import graphs
 
     st = graphs.state_of(model)
     if st.mode is False or st.broken is not None or (x.device.type != "cuda" and not graphs.EMULATE_ON_CPU):
         return None
-    if plan.mask is not None or plan.restart is not None or plan.segments is not None:
+    inputs, layout = _static_inputs(plan, attn_plans, position_ids, x)
+    if inputs is None:
         return None
-    if any(ap != (None, None) for ap in attn_plans):
-        return None
-    if position_ids is not None and not bool((position_ids[:, 0] == 0).all()):
-        return None  # no restarts (checked above) and a start at 0: positions are 0..T-1
-    static_plan = _Plan(plan.spec, plan.config, plan.cos, plan.sin, None, None, None, None, plan.activation)
 
-    def run_layer(layer, h):
-        return _layer(layer, h, static_plan, (None, None))
+    def make_run_layer(static):
+        # offsets padded with empty sequences; the row length bounds every example's
+        seg = A.Segments.of(static["cu"], x.shape[1]) if "cu" in static else None
+        mask = static.get("mask0") if plan.mask is not None else None
+        static_plan = _Plan(plan.spec, plan.config, plan.cos, plan.sin, static.get("pos"), mask,
+                            static.get("restart"), seg, plan.activation)
+        per_layer = [(static.get(f"mask{m}") if m >= 0 else None, seg if uses_seg else None)
+                     for m, uses_seg in layout]
+        by_layer = {id(layer): ap for layer, ap in zip(layers, per_layer)}
+
+        def run_layer(layer, h):
+            return _layer(layer, h, static_plan, by_layer[id(layer)])
+
+        return run_layer
 
     max_len = getattr(getattr(model, "_velotune", None), "max_seq_length", 0) or 0
-    return graphs.run_stack(model, layers, x, run_layer, key_extra=_adapter_signature(model, layers),
+    key = (_adapter_signature(model, layers), tuple(layout),
+           tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(inputs.items())))
+    return graphs.run_stack(model, layers, x, make_run_layer, key_extra=key,
                             check=lambda: all(_graph_fusable(layer, plan) for layer in layers), policy=policy,
-                            max_tokens=x.shape[0] * max(max_len, x.shape[1]))
+                            max_tokens=x.shape[0] * max(max_len, x.shape[1]), inputs=inputs)
+
+
+def _static_inputs(plan, attn_plans, position_ids, x):
+    """(inputs, layout) for the graphs: the tensors this call's attention reads, by name, and per layer
+    (index of its mask in the inputs or -1, whether it takes the varlen offsets); (None, None) when a
+    batch cannot be recorded (more packed examples than the offsets buffer holds)."""
+    inputs = {}
+    if position_ids is not None and (plan.restart is not None or not bool((position_ids[:, 0] == 0).all())):
+        inputs["pos"] = position_ids  # else rope uses 0..T-1 itself
+    if plan.restart is not None:
+        inputs["restart"] = plan.restart
+    if plan.segments is not None:
+        b, t = x.shape[:2]
+        cap = max(64, b * t // 32)  # examples per batch the offsets buffer holds (mean length >= 32 tokens)
+        cu = plan.segments.cu
+        if cu.numel() > cap + 1:
+            return None, None
+        padded = torch.full((cap + 1,), b * t, dtype=cu.dtype, device=cu.device)
+        padded[: cu.numel()] = cu  # empty sequences after the last example
+        inputs["cu"] = padded
+    masks = []  # distinct mask tensors, in first-use order
+    if plan.mask is not None:
+        masks.append(plan.mask)
+    layout = []
+    for mask, seg in attn_plans:
+        m = -1
+        if mask is not None:
+            m = next((j for j, known in enumerate(masks) if known is mask), None)
+            if m is None:
+                masks.append(mask)
+                m = len(masks) - 1
+        layout.append((m, seg is not None))
+    inputs.update({f"mask{j}": m for j, m in enumerate(masks)})
+    return inputs, layout
 
 
 # ------------------------------------------------------------------------------ generation path

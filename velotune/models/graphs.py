@@ -21,13 +21,14 @@ What is captured, per decoder layer ``l``, by policy (POLICIES, from use_gradien
 
 Numerics are those of the eager fast forward: the same kernels run on the same inputs (the graphs
 are recorded from that code). When graphs are used (all must hold, checked per call):
-CUDA, training, grad enabled, plain causal attention (no padding mask
-beyond right padding, no packed rows, no sliding window shorter than the batch), positions
-0..T-1, every projection of every layer on the fused LoRA path (no dropout, no 8-bit base). A capture
+CUDA, training, grad enabled, every projection of every layer on the fused LoRA path (no dropout, no
+8-bit base), and plain causal attention with positions 0..T-1 (right padding included) — or, once
+STATIC_INPUTS_ON_CUDA is on, any attention the fast forward plans (packed rows, padding masks, windows):
+its per-call inputs are then static copies refilled every call. A capture
 costs about two eager steps and is kept per batch shape (up to 8 shapes; their static buffers are
 shared, sized for batch x max_seq_length); ``mode="auto"`` records the first 8 shapes it sees and then
 stops recording new ones (batches whose length changes every step gain nothing: pad them to a few
-fixed lengths; packed rows are not graphed yet). Otherwise the eager path runs, unchanged.
+fixed lengths, as SFTTrainer does). Otherwise the eager path runs, unchanged.
 
 Measured (H200, 1B shape, bs 2 x 2048, bench/run_train_step.py): 47.8K tokens/s with graphs vs 16.8K
 eager and Unsloth 21.3K in the same session. Open: a capture attempted at the *second* step of the
@@ -61,6 +62,11 @@ _WARMUP_STEPS = 1  # eager runs of each captured piece before capture (Triton co
 # torch.cuda.graph's capture_error_mode (CUDA's stream-capture interaction mode); bench/diag_graphs.py
 # tries the others.
 CAPTURE_ERROR_MODE = "global"
+
+# Batches that need attention inputs per call (packed rows, padding masks, sliding windows, positions
+# other than 0..T-1) are recorded with static copies of those inputs. CPU-tested (emulated); on CUDA
+# off until tests/test_fast_forward_gpu.py::test_cuda_graphs_packed_rows passes there. Flip after that.
+STATIC_INPUTS_ON_CUDA = False
 
 # Tests set this to emulate graphs on CPU: a "replay" then re-runs the recorded function and copies
 # its results into the static buffers, which exercises every part of this file but the capture.
@@ -170,9 +176,14 @@ class GraphSet:
     kernel each), so the graphs' own memory pool holds only temporaries, shared by all sets.
     """
 
-    def __init__(self, run_layer, layers, x_example: torch.Tensor, autocast, emulate: bool, policy: str,
-                 arena: _Arena, pool=None, min_numel: int = 0, budget=None):
-        self.run_layer, self.layers, self.autocast, self.emulate = run_layer, list(layers), autocast, emulate
+    def __init__(self, make_run_layer, layers, x_example: torch.Tensor, autocast, emulate: bool, policy: str,
+                 arena: _Arena, pool=None, min_numel: int = 0, budget=None, inputs=None):
+        self.layers, self.autocast, self.emulate = list(layers), autocast, emulate
+        # per-call attention inputs (positions, masks, sequence starts): this set's own static copies,
+        # refilled before every replay (set_inputs); the layers read them through run_layer
+        self.inputs = {k: arena.view(("in", k), v.shape, v.dtype, v.device) for k, v in (inputs or {}).items()}
+        self.set_inputs(inputs or {})
+        self.run_layer = make_run_layer(self.inputs)
         if policy not in POLICIES:
             raise ValueError(f"checkpointing policy {policy!r}: one of {POLICIES}")
         self.policy = policy
@@ -206,6 +217,10 @@ class GraphSet:
                     for i in reversed(range(n))]
         self.flat_grads = [b if used else None for i in range(n) for b, used in zip(self.gbuf[i], self.used[i])]
         self.dx = self.dbuf[n % 2]
+
+    def set_inputs(self, inputs: dict) -> None:
+        for k, v in inputs.items():
+            self.inputs[k].copy_(v)
 
     def close(self) -> None:
         """Before the set is dropped: the main stream waits for pending host copies on the side stream."""
@@ -437,13 +452,15 @@ def _autocast_state(device_type: str) -> dict:
     return {"device_type": device_type, "dtype": dtype, "enabled": on, "cache_enabled": False}
 
 
-def run_stack(model, layers, x: torch.Tensor, run_layer, key_extra=(), check=lambda: True,
-              policy: str = "recompute", max_tokens: int = 0) -> Optional[torch.Tensor]:
+def run_stack(model, layers, x: torch.Tensor, make_run_layer, key_extra=(), check=lambda: True,
+              policy: str = "recompute", max_tokens: int = 0, inputs=None) -> Optional[torch.Tensor]:
     """The stack's output through CUDA graphs, or None when the eager path should run.
 
-    ``run_layer(layer, x)`` is the eager layer (its attention plan must hold only tensors that live as
-    long as the model, e.g. the cached RoPE tables); ``key_extra`` is anything else that decides which
-    kernels a layer runs (the adapters' state); ``check()`` says whether every layer can be recorded,
+    ``make_run_layer(static_inputs)`` returns the eager layer ``run_layer(layer, x)`` reading the
+    per-call attention inputs from ``static_inputs`` (the set's own buffers, refilled from ``inputs``
+    before every replay) and otherwise only tensors that live as long as the model (e.g. the cached
+    RoPE tables); ``key_extra`` is anything else that decides which kernels a layer runs (the adapters'
+    state, the attention layout); ``check()`` says whether every layer can be recorded,
     asked once before a capture; ``policy`` says how activations reach the backward (POLICIES);
     ``max_tokens`` sizes the shared buffers for the longest batch expected (batch x max_seq_length).
     """
@@ -454,6 +471,8 @@ def run_stack(model, layers, x: torch.Tensor, run_layer, key_extra=(), check=lam
     if emulate and not EMULATE_ON_CPU:
         return None
     if policy in ("keep", "auto") and not emulate and not KEEP_ON_CUDA:
+        return None
+    if inputs and not emulate and not STATIC_INPUTS_ON_CUDA:
         return None
     ac = _autocast_state(x.device.type)
     key = (tuple(x.shape), x.dtype, str(x.device), ac["enabled"], ac["dtype"], len(layers), policy, key_extra)
@@ -474,8 +493,8 @@ def run_stack(model, layers, x: torch.Tensor, run_layer, key_extra=(), check=lam
         if st.pool is None and not emulate:
             st.pool = torch.cuda.graph_pool_handle()
         try:
-            gs = GraphSet(run_layer, layers, x.detach(), ac, emulate, policy, st.arena, st.pool,
-                          min_numel=max_tokens * x.shape[-1], budget=st.memory_budget)
+            gs = GraphSet(make_run_layer, layers, x.detach(), ac, emulate, policy, st.arena, st.pool,
+                          min_numel=max_tokens * x.shape[-1], budget=st.memory_budget, inputs=inputs)
         except Exception as e:  # noqa: BLE001 - any capture failure: say why, stay eager (same numerics)
             st.broken = f"{type(e).__name__}: {e}"
             say(f"CUDA graphs could not be captured ({st.broken[:300]}); training continues without them "
@@ -493,4 +512,5 @@ def run_stack(model, layers, x: torch.Tensor, run_layer, key_extra=(), check=lam
             f"{time.perf_counter() - t:.1f} s ({how})")
     else:
         st.sets.move_to_end(key)
+        gs.set_inputs(inputs or {})
     return _StackFunction.apply(gs, x, *gs.flat_params)
