@@ -305,3 +305,14 @@ def test_frozen_weights_moved_are_recorded_again(tiny_dir, emulate):
     assert _captures(model) == 2
     set_cuda_graphs(model, False)
     torch.testing.assert_close(loss, model(input_ids=ids, labels=ids).loss)
+
+
+def test_a_forward_of_another_shape_before_backward_raises(tiny_dir, emulate):
+    """Every shape's graphs share the arena's buffers: a forward of any shape overwrites them."""
+    model = _model(tiny_dir)
+    set_cuda_graphs(model, True)
+    first = model(input_ids=_ids(0, (2, 24)), labels=_ids(0, (2, 24))).loss
+    model(input_ids=_ids(1, (2, 16)), labels=_ids(1, (2, 16))).loss.backward()
+    assert _captures(model) == 2
+    with pytest.raises(RuntimeError, match="second forward ran before this backward"):
+        first.backward()

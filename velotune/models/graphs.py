@@ -151,6 +151,7 @@ class _Arena:
     def __init__(self):
         self.flat: dict = {}
         self.generation = 0
+        self.forwards = 0  # stack forwards run through any set: one backward may follow each
 
     def view(self, name, shape, dtype, device, min_numel: int = 0, pin: bool = False) -> torch.Tensor:
         n = int(math.prod(shape))
@@ -191,7 +192,6 @@ class GraphSet:
         self.params = [[p for p in layer.parameters() if p.requires_grad] for layer in self.layers]
         self.flat_params = [p for ps in self.params for p in ps]
         self.ptrs = self.current_ptrs()
-        self.generation = 0
         n = len(self.layers)
         shape, dt, dev = tuple(x_example.shape), x_example.dtype, x_example.device
         slots = _RING if offload else n + 1
@@ -206,11 +206,11 @@ class GraphSet:
             self.side = None if emulate else torch.cuda.Stream()
             self.slot_free = [None] * _RING  # event: the slot's last offload copy has finished
             self.ready = [None] * n  # event: host[l] is back in its slot
-        self.arena_generation = arena.generation
+        self.arena, self.arena_generation = arena, arena.generation
         self.used = [None] * n  # per layer: which parameters got a gradient at capture
         self.saved = [None] * n  # kept layers: (input, output) of the recorded forward, whose graph holds
         self.layer_bytes = self._warm_up(x_example)  # activations one kept layer holds (CUDA), else None
-        self.keep = plan_keep(policy, n, self.layer_bytes, budget, None if emulate else torch.cuda.mem_get_info())
+        self.keep = plan_keep(policy, n, self.layer_bytes, budget, None if emulate else _free_memory())
         self.fwd = [_capture(lambda i=i: self._forward(i), pool, emulate, f"the forward of layer {i}")
                     for i in range(n)]
         self.bwd = [_capture(lambda i=i: self._backward(i), pool, emulate, f"the backward of layer {i}")
@@ -364,18 +364,24 @@ class GraphSet:
         return layer_bytes
 
 
+def _free_memory() -> tuple[int, int]:
+    """(free, total) bytes of the current GPU, counting memory the caching allocator holds unused as free."""
+    free, total = torch.cuda.mem_get_info()
+    return free + torch.cuda.memory_reserved() - torch.cuda.memory_allocated(), total
+
+
 class _StackFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gs: GraphSet, x0, *params):
         out = gs.run_forward(x0)
-        gs.generation += 1
-        ctx.gs, ctx.generation = gs, gs.generation
+        gs.arena.forwards += 1  # every set shares the arena's buffers: any later forward overwrites them
+        ctx.gs, ctx.forward_id = gs, gs.arena.forwards
         return out
 
     @staticmethod
     def backward(ctx, dy):
         gs = ctx.gs
-        if ctx.generation != gs.generation:
+        if ctx.forward_id != gs.arena.forwards:
             raise RuntimeError(
                 "velotune CUDA graphs: a second forward ran before this backward and overwrote the "
                 "layers' saved inputs. Call backward() after each training forward, or turn graphs "
