@@ -20,7 +20,7 @@ def test_env_prints_versions_and_fast_paths(capsys):
     fast = lines[lines.index("fast paths:") + 1:]
     assert [line.split(":")[0].strip() for line in fast] == [
         "CUDA", "Triton kernels", "bf16", "fp8", "bitsandbytes 4-bit", "CUDA graphs for training steps",
-        "fast forward"]
+        "GPU paths" if not torch.cuda.is_available() else fast[6].split(":")[0].strip(), "fast forward"]
     assert fast[-1] == (f"  fast forward: model_type {', '.join(FAMILIES)}; any other model_type keeps the HF "
                         "forward with velotune's fused cross-entropy loss")
     bnb = next(line for line in fast if "bitsandbytes" in line)
@@ -69,3 +69,18 @@ def test_off_lines_say_why(monkeypatch):
     monkeypatch.delattr(torch.cuda, "CUDAGraph")
     assert env._graphs_line(cuda=True) == (f"CUDA graphs for training steps: off: torch {torch.__version__} has no "
                                            "torch.cuda.CUDAGraph")
+
+
+def test_pending_gpu_paths_are_listed(monkeypatch):
+    from velotune.cli import env
+    from velotune.models import decoder, graphs, offload
+
+    assert env._pending_line(cuda=False) == "GPU paths: n/a (no CUDA GPU)"
+    line = env._pending_line(cuda=True)
+    for name, flag in (("offloaded checkpointing", offload.ENABLED_ON_CUDA),
+                       ("fused generation path", decoder.DECODE_ON_CUDA)):
+        assert (name in line) == (not flag)
+    for mod, attr in ((offload, "ENABLED_ON_CUDA"), (graphs, "KEEP_ON_CUDA"), (graphs, "STATIC_INPUTS_ON_CUDA"),
+                      (decoder, "DECODE_ON_CUDA")):
+        monkeypatch.setattr(mod, attr, True)
+    assert env._pending_line(cuda=True) == "GPU paths: all on"
