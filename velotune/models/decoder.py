@@ -247,15 +247,19 @@ def _loss_or_logits(model, hidden, labels, shift_labels, num_items_in_batch, log
                                 num_items_in_batch=num_items_in_batch, return_logits=True)
 
 
-def _fast_call(model, kwargs) -> bool:
+def _ids_call(model, call) -> bool:
+    """Fast forward on, ``input_ids`` given (no ``inputs_embeds``), no attentions / hidden states asked."""
     state = model.__dict__.get("_velotune_fast")
     if state is None or not state["enabled"]:
         return False
-    if kwargs.get("past_key_values") is not None or kwargs.get("use_cache"):
+    if call.get("input_ids") is None or call.get("inputs_embeds") is not None:
         return False
-    if kwargs.get("input_ids") is None or kwargs.get("inputs_embeds") is not None:
-        return False
-    return not (kwargs.get("output_attentions") or kwargs.get("output_hidden_states"))
+    return not (call.get("output_attentions") or call.get("output_hidden_states"))
+
+
+def _fast_call(model, call) -> bool:
+    """A training-style call: no KV cache given or wanted."""
+    return _ids_call(model, call) and call.get("past_key_values") is None and not call.get("use_cache")
 
 
 def fast_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
@@ -448,12 +452,7 @@ DECODE_ON_CUDA = False
 
 def _decode_call(model, call) -> bool:
     """A call the cached generation path takes: known family, input ids, a KV cache wanted or given."""
-    state = model.__dict__.get("_velotune_fast")
-    if state is None or not state["enabled"] or state["spec"] is None or not state.get("decode", True):
-        return False
-    if call.get("input_ids") is None or call.get("inputs_embeds") is not None:
-        return False
-    if call.get("output_attentions") or call.get("output_hidden_states"):
+    if not _ids_call(model, call) or model.__dict__["_velotune_fast"]["spec"] is None:
         return False
     if call.get("past_key_values") is None and not call.get("use_cache"):
         return False

@@ -300,40 +300,30 @@ class GraphSet:
             r.replay()
 
     def _offload(self, i: int) -> None:
-        slot, host = self.input_of(i), self.host[i]
-        if self.side is None:
-            host.copy_(slot)
-            return
-        self.side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.side):
-            host.copy_(slot, non_blocking=True)
-            ev = torch.cuda.Event()
-            ev.record(self.side)
-        self.slot_free[i % _RING] = ev
-
-    def _wait_slot_free(self, i: int) -> None:
-        ev = self.slot_free[i % _RING]
-        if ev is not None:
-            torch.cuda.current_stream().wait_event(ev)
-            self.slot_free[i % _RING] = None
+        self.slot_free[i % _RING] = self._side_copy(self.host[i], self.input_of(i))
 
     def _fetch(self, i: int) -> None:
-        slot, host = self.input_of(i), self.host[i]
+        # after the slot's previous reader (the backward graph of layer i + 3), queued on the main stream
+        self.ready[i] = self._side_copy(self.input_of(i), self.host[i])
+
+    def _side_copy(self, dst: torch.Tensor, src: torch.Tensor):
+        """``dst <- src`` on the side stream after everything queued so far on the main stream; returns the
+        event that marks its end (None in emulation, where the copy is done at once)."""
         if self.side is None:
-            slot.copy_(host)
-            return
-        # the slot's previous reader (the backward graph of layer i + 3) ran on the main stream
+            dst.copy_(src)
+            return None
         self.side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.side):
-            slot.copy_(host, non_blocking=True)
+            dst.copy_(src, non_blocking=True)
             ev = torch.cuda.Event()
             ev.record(self.side)
-        self.ready[i] = ev
+        return ev
+
+    def _wait_slot_free(self, i: int) -> None:
+        _wait(self.slot_free, i % _RING)
 
     def _wait_ready(self, i: int) -> None:
-        if self.side is not None and self.ready[i] is not None:
-            torch.cuda.current_stream().wait_event(self.ready[i])
-            self.ready[i] = None
+        _wait(self.ready, i)
 
     def _warm_up(self, x0: torch.Tensor) -> None:
         """Run every piece eagerly once, exactly as it will be captured (the no-grad forward and the
@@ -362,6 +352,13 @@ class GraphSet:
                     x = out.detach()
         torch.cuda.current_stream().wait_stream(side)
         return layer_bytes
+
+
+def _wait(events: list, k: int) -> None:
+    """The main stream waits for ``events[k]`` (a side-stream copy), once."""
+    if events[k] is not None:
+        torch.cuda.current_stream().wait_event(events[k])
+        events[k] = None
 
 
 def _free_memory() -> tuple[int, int]:
@@ -451,7 +448,8 @@ def set_cuda_graphs(model, mode) -> None:
     base.__dict__["_velotune_graphs"] = _State(mode)
 
 
-def _autocast_state(device_type: str) -> dict:
+def autocast_state(device_type: str) -> dict:
+    """The current autocast settings, to re-enter them where a layer is recorded or recomputed."""
     on = torch.is_autocast_enabled(device_type)
     dtype = torch.get_autocast_dtype(device_type)
     # cache off: a cached cast made during capture would be a tensor the graph reads but nobody owns
@@ -480,7 +478,7 @@ def run_stack(model, layers, x: torch.Tensor, make_run_layer, key_extra=(), chec
         return None
     if inputs and not emulate and not STATIC_INPUTS_ON_CUDA:
         return None
-    ac = _autocast_state(x.device.type)
+    ac = autocast_state(x.device.type)
     key = (tuple(x.shape), x.dtype, str(x.device), ac["enabled"], ac["dtype"], len(layers), policy, key_extra)
     gs = st.sets.get(key)
     if gs is not None and gs.current_ptrs() != gs.ptrs:

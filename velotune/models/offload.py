@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from .graphs import autocast_state
+
 # Written and tested on CPU (tests/test_graphs.py) but not yet run on a GPU: until
 # tests/test_fast_forward_gpu.py::test_cuda_graphs_train_like_eager[llama-offload-*] has passed on the
 # device, "unsloth" / "offload" run plain recompute on CUDA (adapters.py says so). Flip after that run.
@@ -29,18 +31,13 @@ def _side(device: torch.device):
     return _side_streams[key]
 
 
-def _autocast_state(device_type: str) -> dict:
-    return {"device_type": device_type, "dtype": torch.get_autocast_dtype(device_type),
-            "enabled": torch.is_autocast_enabled(device_type)}
-
-
 class OffloadedCheckpoint(torch.autograd.Function):
     """``run_layer(layer, x)`` with ``x`` kept in pinned host memory until backward recomputes the layer."""
 
     @staticmethod
     def forward(ctx, run_layer, layer, x, *params):
         ctx.run_layer, ctx.layer, ctx.device = run_layer, layer, x.device
-        ctx.autocast = _autocast_state(x.device.type)
+        ctx.autocast = autocast_state(x.device.type)
         out = run_layer(layer, x)  # autograd.Function.forward runs without grad: nothing is saved
         if x.is_cuda:
             side = _side(x.device)
