@@ -17,18 +17,15 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo", help="fine-tune the real small model on the bundled data (the README's main job)")
     demo.add_arguments(p)
     p.set_defaults(func=demo.run)
-    p = sub.add_parser("train", help="fine-tune from a YAML config file (+ key=value overrides)",
-                       description=train.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    train.add_arguments(p)
-    p = sub.add_parser("export", help="run, adapter or model folder -> merged 16-bit safetensors, PEFT adapter or GGUF",
-                       description=export.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    export.add_arguments(p)
-    p = sub.add_parser("chat", help="chat with a model, adapter or run folder in the terminal (streamed)",
-                       description=chat.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    chat.add_arguments(p)
-    p = sub.add_parser("env", help="versions, GPU, what velotune would pick, which fast paths are on and why not",
-                       description=env.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    env.add_arguments(p)
+    commands = (
+        (train, "train", "fine-tune from a YAML config file (+ key=value overrides)"),
+        (export, "export", "run, adapter or model folder -> merged 16-bit safetensors, PEFT adapter or GGUF"),
+        (chat, "chat", "chat with a model, adapter or run folder in the terminal (streamed)"),
+        (env, "env", "versions, GPU, what velotune would pick, which fast paths are on and why not"),
+    )
+    for module, name, summary in commands:  # each module's docstring is its --help text
+        module.add_arguments(sub.add_parser(name, help=summary, description=module.__doc__,
+                                            formatter_class=argparse.RawDescriptionHelpFormatter))
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     return args.func(args)
 
