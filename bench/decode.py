@@ -38,7 +38,8 @@ def one_peer(args) -> dict:
         from velotune import FastLanguageModel
         from velotune.models import decoder
 
-        decoder.DECODE_ON_CUDA = True  # the path under test (off by default until its GPU test has run)
+        if not decoder.DECODE_ON_CUDA:
+            raise RuntimeError("velotune's generation path is switched off (velotune env)")
         model, _ = FastLanguageModel.from_pretrained(args.ckpt, max_seq_length=2048, dtype=torch.bfloat16,
                                                      load_in_4bit=True)
         model = FastLanguageModel.get_peft_model(model, r=16, target_modules=TARGETS, lora_alpha=16)

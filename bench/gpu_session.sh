@@ -2,7 +2,7 @@
 # One device call that validates and measures everything GPU-side (run from the repo root on the GPU
 # machine; results land in $OUT). Ordered by importance, each step time-boxed, so a cut-short call
 # still returns the first answers.
-#   OUT=/tmp/out bash bench/gpu_session.sh [tests|train1b|train8b|decode|all]
+#   OUT=/tmp/out bash bench/gpu_session.sh [tests|train1b|train8b|packing|decode|all]
 set -u
 OUT=${OUT:-/tmp/velotune-gpu}
 mkdir -p "$OUT"
@@ -15,12 +15,15 @@ if [[ $what == tests || $what == all ]]; then
   timeout 240 python -m pytest -q -p no:cacheprovider -m gpu --ignore=tests/test_fast_forward_gpu.py 2>&1 | tail -8 | tee "$OUT/tests-rest.txt"
 fi
 if [[ $what == train1b || $what == all ]]; then
-  timeout 420 python bench/run_train_step.py --shapes 1b --peers velotune velotune_eager unsloth hf liger \
+  timeout 420 python bench/run_train_step.py --shapes 1b --peers velotune velotune_auto velotune_eager unsloth hf liger \
     --results "$OUT/train_step.jsonl" --workdir /tmp/vb --timeout 150 2>&1 | grep "\[bench\]\|graphs" | tee "$OUT/train1b.txt"
 fi
 if [[ $what == train8b || $what == all ]]; then
-  timeout 560 python bench/run_train_step.py --shapes 8b --peers velotune velotune_eager unsloth hf \
+  timeout 560 python bench/run_train_step.py --shapes 8b --peers velotune velotune_auto velotune_recompute unsloth hf \
     --results "$OUT/train_step.jsonl" --workdir /tmp/vb --timeout 200 2>&1 | grep "\[bench\]\|graphs" | tee "$OUT/train8b.txt"
+fi
+if [[ $what == packing || $what == all ]]; then
+  timeout 420 python bench/packing.py --shape 1b --results "$OUT/packing.jsonl" --workdir /tmp/vb 2>&1 | grep "\[packing\]" | tee "$OUT/packing.txt"
 fi
 if [[ $what == decode || $what == all ]]; then
   timeout 420 python bench/decode.py --shapes 8b --peers velotune hf unsloth --results "$OUT/decode.jsonl" \

@@ -36,9 +36,13 @@ def train_step_section(rows: list[dict]) -> list[str]:
            "q/k/v/o/gate/up/down, gradient checkpointing on, batch 2 × 2048, bitsandbytes AdamW8bit; 3 warm-up + "
            "10 timed steps, median step; peak = `torch.cuda.max_memory_allocated` during the steps, and "
            "`max_memory_reserved` (what the process holds from the card; CUDA-graph replays bypass the "
-           "allocated counter, so compare reserved when a peer uses graphs). `velotune` uses CUDA graphs "
-           "(captured in warm-up), `velotune_eager` is the same code without them. All peers of a "
-           "table ran in one command on one card, each in its own process.", ""]
+           "allocated counter, so compare reserved when a peer uses graphs; the graph pool column is the part "
+           "of reserved held by graphs). Gradient checkpointing per peer in the gc column: `unsloth` = "
+           "offloaded (the seed's setting), `True` = recompute, `auto` = velotune's planner with the whole "
+           "card as budget. `velotune*` use CUDA graphs (captured in warm-up) except `velotune_eager` (the "
+           "same kernels launched one by one), and bitsandbytes' AdamW8bit without its per-parameter host "
+           "sync (`velotune.training.optim.without_host_syncs`, what velotune's SFTTrainer uses; same kernels "
+           "and results). All peers of a table ran in one command on one card, each in its own process.", ""]
     by_shape = defaultdict(list)
     for r in rows:
         if r.get("bench") == "qlora_train_step":
@@ -54,19 +58,20 @@ def train_step_section(rows: list[dict]) -> list[str]:
                 f"torch {v.get('torch')}, transformers {v.get('transformers')}, peft {v.get('peft')}, "
                 f"bitsandbytes {v.get('bitsandbytes')}, unsloth {v.get('unsloth')}, liger-kernel "
                 f"{v.get('liger-kernel')}, triton {v.get('triton')}, velotune {v.get('velotune_commit')}", "",
-                "| peer | tokens/s | × Unsloth | peak alloc GiB | peak reserved GiB | median step s | first loss "
-                "| Δ first loss vs HF |",
-                "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                "| peer | gc | tokens/s | × Unsloth | peak alloc GiB | peak reserved GiB | graph pool GiB "
+                "| median step s | first loss | Δ first loss vs HF |",
+                "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in cur:
             if "error" in r:
-                out.append(f"| {r['peer']} | failed: {r['error'][:120]} | | | | | | |")
+                out.append(f"| {r['peer']} | | failed: {r['error'][:120]} | | | | | | | |")
                 continue
             first = r["losses"][0] if r.get("losses") else None
             ratio = f"{r['tokens_per_s'] / uns:.2f}" if uns else "—"
             delta = f"{first - hf_loss:+.4f}" if first is not None and hf_loss is not None else "—"
             peer = f"{r['peer']} ({r['note']})" if r.get("note") else r["peer"]
-            out.append(f"| {peer} | {_fmt(r['tokens_per_s'], 0)} | {ratio} | {_fmt(r['peak_alloc_gib'], 2)} | "
-                       f"{_fmt(r.get('peak_reserved_gib'), 2)} | {_fmt(r['median_step_s'], 3)} | {_fmt(first, 4)} | {delta} |")
+            out.append(f"| {peer} | {_fmt(r.get('gc'))} | {_fmt(r['tokens_per_s'], 0)} | {ratio} | "
+                       f"{_fmt(r['peak_alloc_gib'], 2)} | {_fmt(r.get('peak_reserved_gib'), 2)} | "
+                       f"{_fmt(r.get('graph_pool_gib'), 2)} | {_fmt(r['median_step_s'], 3)} | {_fmt(first, 4)} | {delta} |")
         out.append("")
         older = sorted({r["run_id"] for r in rs} - {latest})
         if older:
@@ -92,6 +97,53 @@ def gguf_section(rows: list[dict]) -> list[str]:
     return out
 
 
+def decode_section(rows: list[dict]) -> list[str]:
+    rs = [r for r in rows if r.get("bench") == "decode_4bit"]
+    if not rs:
+        return []
+    out = ["## 4-bit decoding (issue #7)", "",
+           "bench/decode.py: random-init Llama checkpoint of the named shape, NF4 + double quant, bf16, a LoRA "
+           "adapter (r16, 7 targets), greedy decoding after a 128-token prompt; tokens/s = batch × new tokens / "
+           "wall time of one `generate` (after a warm-up one). Peers in one command on one card.", ""]
+    for (shape, run), group in _group(rs, lambda r: (r["shape"], r["run_id"])).items():
+        out += [f"### {shape} — {group[0]['card']}, run {run}", "",
+                "| peer | batch | new tokens | tokens/s | peak alloc GiB |", "| --- | ---: | ---: | ---: | ---: |"]
+        for r in group:
+            if "error" in r:
+                out.append(f"| {r['peer']} | | | failed: {r['error'][:120]} | |")
+                continue
+            out.append(f"| {r['peer']} | {r['batch']} | {r['new_tokens']} | {_fmt(r['tokens_per_s'])} | "
+                       f"{_fmt(r.get('peak_alloc_gib'), 2)} |")
+        peers = {r["peer"] for r in group}
+        if "unsloth" not in peers:
+            out.append("")
+            out.append("Unsloth's row is missing: its process did not finish within the call's time.")
+        out.append("")
+    return out
+
+
+def packing_section(rows: list[dict]) -> list[str]:
+    rs = [r for r in rows if r.get("bench") == "packing" and r.get("card") not in (None, "cpu")]
+    if not rs:
+        return ["## Packing (issue #4)", "", "bench/packing.py (packed vs padded real tokens/s) has not run on a GPU yet.", ""]
+    out = ["## Packing (issue #4)", "",
+           "bench/packing.py: velotune's SFTTrainer, the seed's settings, example lengths uniform in the stated range; "
+           "real (non-pad) tokens/s after the warm-up steps, `packed` = `packing=True` (padding-free rows), "
+           "`padded` = rows padded per batch.", ""]
+    for (shape, run), group in _group(rs, lambda r: (r["shape"], r["run_id"])).items():
+        out += [f"### {shape} — {group[0]['card']}, run {run}, lengths {group[0].get('lengths')}", "",
+                "| mode | real tokens/s | with warm-up | steps | real tokens | peak reserved GiB |",
+                "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for r in group:
+            if "error" in r:
+                out.append(f"| {r['mode']} | failed: {r['error'][:120]} | | | | |")
+                continue
+            out.append(f"| {r['mode']} | {_fmt(r['tokens_per_s'], 0)} | {_fmt(r['tokens_per_s_with_warmup'], 0)} | "
+                       f"{r['steps']} | {r['real_tokens']} | {_fmt(r.get('peak_reserved_gib'), 2)} |")
+        out.append("")
+    return out
+
+
 def _group(rows, key):
     out: dict = {}
     for r in rows:
@@ -103,7 +155,10 @@ def profile_section() -> list[str]:
     profs = sorted((RESULTS / "profiles").glob("*.txt")) if (RESULTS / "profiles").is_dir() else []
     if not profs:
         return []
-    out = ["## Per-op time of one velotune step", ""]
+    out = ["## Per-op time of one velotune step", "",
+           "torch.profiler over one timed step, sorted by GPU time. With CUDA graphs the kernels of the "
+           "replayed layers are listed individually; `_StackFunction` / `_StackFunctionBackward` rows are "
+           "the GPU time spans of the graphed decoder stack (forward / recompute + backward).", ""]
     for p in profs:
         out += [f"### {p.stem}", "", "```", p.read_text().rstrip(), "```", ""]
     return out
@@ -114,7 +169,7 @@ def main() -> None:
     text = ["# Benchmarks", "",
             "Generated by `python bench/report.py` from `bench/results/*.jsonl`. Compare numbers only within one "
             "table: same card, same run. Noise between runs of the same step reached 20% on H100s here.", ""]
-    text += train_step_section(rows) + gguf_section(rows) + profile_section()
+    text += train_step_section(rows) + packing_section(rows) + decode_section(rows) + gguf_section(rows) + profile_section()
     OUT.write_text("\n".join(text).rstrip() + "\n")
     print(f"wrote {OUT}")
 

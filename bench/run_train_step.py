@@ -105,7 +105,7 @@ def main() -> int:
             out = work / f"{shape}-{peer}.json"
             cmd = [sys.executable, str(HERE / "train_step.py"), "--peer", peer, "--ckpt", str(ckpt),
                    "--json", str(out), "--steps", str(args.steps), "--warmup", str(args.warmup)]
-            if args.profile_dir and peer == "velotune":
+            if args.profile_dir and peer.startswith("velotune"):
                 cmd.append("--profile")
             t = time.perf_counter()
             try:
@@ -118,12 +118,12 @@ def main() -> int:
                 Path(args.profile_dir).mkdir(parents=True, exist_ok=True)
                 (Path(args.profile_dir) / f"profile-{shape}-{peer}.txt").write_text(prof)
             row.update(run_id=run_id, bench="qlora_train_step", shape=f"llama-{shape}", card=card, dtype="bf16",
-                       batch=2, seq=2048, lora="r16 a16, 7 targets", gc=True, optimizer="adamw_8bit",
+                       batch=2, seq=2048, lora="r16 a16, 7 targets", optimizer="adamw_8bit",
                        wall_s=round(time.perf_counter() - t, 1), versions=vers)
             with open(args.results, "a") as f:
                 f.write(json.dumps(row) + "\n")
             print(f"[bench] {shape} {peer}: " + json.dumps({k: row.get(k) for k in
-                  ("tokens_per_s", "peak_alloc_gib", "losses", "error")}), flush=True)
+                  ("tokens_per_s", "peak_alloc_gib", "peak_reserved_gib", "graph_pool_gib", "losses", "error")}), flush=True)
     return 0
 
 

@@ -6,7 +6,10 @@ batch 2 x 2048 random tokens (labels = inputs), bitsandbytes AdamW8bit lr 2e-4, 
 ``--warmup`` untimed steps then ``--steps`` timed ones (CUDA-synchronised wall time per step).
 Prints one JSON row (median step seconds, tokens/s, peak max_memory_allocated and
 max_memory_reserved, first losses). ``velotune`` runs with CUDA graphs ("auto": recorded in the first
-warm-up step), ``velotune_eager`` without (the same kernels launched one by one).
+warm-up step), ``velotune_eager`` without (the same kernels launched one by one); both with
+use_gradient_checkpointing="unsloth" (offloaded, as the seed and the Unsloth peer), ``velotune_recompute``
+with True, ``velotune_auto`` with "auto" (the planner; budget: the free memory). velotune's optimizer is
+bitsandbytes' AdamW8bit through ``without_host_syncs``, as velotune's SFTTrainer builds it.
 Run each peer in its own process (Unsloth patches transformers at import): bench/run_train_step.py.
 
     python bench/train_step.py --peer hf --ckpt /tmp/llama-1b --json out.json
@@ -20,6 +23,10 @@ import statistics
 import sys
 import time
 
+PEERS = ["velotune", "velotune_eager", "velotune_auto", "velotune_recompute", "hf", "unsloth", "liger"]
+# use_gradient_checkpointing per peer: the seed's (and Unsloth's) "unsloth" = offloaded checkpointing
+GC = {"velotune": "unsloth", "velotune_eager": "unsloth", "velotune_auto": "auto", "velotune_recompute": True,
+      "unsloth": "unsloth", "hf": True, "liger": True}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -34,13 +41,17 @@ def load_peer(peer: str, ckpt: str, seq: int):
         model = FastLanguageModel.get_peft_model(model, r=16, target_modules=TARGETS, lora_alpha=16, lora_dropout=0,
                                                  bias="none", use_gradient_checkpointing="unsloth", random_state=3407)
         return model
-    if peer in ("velotune", "velotune_eager"):
+    if peer.startswith("velotune"):
         from velotune import FastLanguageModel, set_cuda_graphs
+        from velotune.models import graphs, offload
 
+        gc = GC[peer]
+        if not (graphs.KEEP_ON_CUDA and offload.ENABLED_ON_CUDA):
+            raise RuntimeError("a velotune GPU path is switched off (velotune env); this benchmark measures them on")
         model, _ = FastLanguageModel.from_pretrained(ckpt, max_seq_length=seq, dtype=torch.bfloat16, load_in_4bit=True)
         model = FastLanguageModel.get_peft_model(model, r=16, target_modules=TARGETS, lora_alpha=16, lora_dropout=0,
-                                                 bias="none", use_gradient_checkpointing=True, random_state=3407)
-        set_cuda_graphs(model, "auto" if peer == "velotune" else False)  # auto: recorded in warm-up step 1
+                                                 bias="none", use_gradient_checkpointing=gc, random_state=3407)
+        set_cuda_graphs(model, False if peer == "velotune_eager" else "auto")  # auto: recorded in warm-up step 1
         return model
     if peer == "liger":
         from liger_kernel.transformers import apply_liger_kernel_to_llama
@@ -61,6 +72,14 @@ def load_peer(peer: str, ckpt: str, seq: int):
     return get_peft_model(model, cfg)
 
 
+def graph_pool_bytes() -> int:
+    """Bytes reserved in CUDA-graph private pools (segments outside the default pool)."""
+    import torch
+
+    return sum(seg["total_size"] for seg in torch.cuda.memory_snapshot()
+               if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0))
+
+
 def run(args) -> dict:
     import bitsandbytes as bnb
     import torch
@@ -72,6 +91,10 @@ def run(args) -> dict:
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = bnb.optim.AdamW8bit(params, lr=2e-4, weight_decay=0.0)
+    if args.peer.startswith("velotune"):
+        from velotune.training.optim import without_host_syncs
+
+        opt = without_host_syncs(opt)  # what velotune's SFTTrainer does to optim="adamw_8bit"
     vocab = model.config.vocab_size
     g = torch.Generator(device="cuda").manual_seed(1234)
     batches = [torch.randint(0, vocab, (args.bs, args.seq), device="cuda", generator=g)
@@ -97,7 +120,8 @@ def run(args) -> dict:
         dt = time.perf_counter() - t0
         if profile:
             prof.__exit__(None, None, None)
-            prof_table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60)
+            prof_table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=60,
+                                                      max_name_column_width=80)
         losses.append(float(loss))
         if i >= args.warmup:
             times.append(dt)
@@ -109,12 +133,13 @@ def run(args) -> dict:
         # reserved peak is recorded too (the fair number when one peer uses graphs)
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3), "losses": [round(x, 5) for x in losses[:5]],
         "step_times_s": [round(t, 4) for t in times], "load_s": round(load_s, 1), "profile": prof_table,
+        "graph_pool_gib": round(graph_pool_bytes() / 2**30, 3), "gc": GC[args.peer],
     }
 
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--peer", required=True, choices=["velotune", "velotune_eager", "hf", "unsloth", "liger"])
+    p.add_argument("--peer", required=True, choices=PEERS)
     p.add_argument("--ckpt", required=True)
     p.add_argument("--bs", type=int, default=2)
     p.add_argument("--seq", type=int, default=2048)

@@ -1,6 +1,7 @@
 """Bucket padding of training batches (velotune/training/buckets.py): few shapes, the same loss."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests.tiny_models import randomize_lora_b
@@ -50,6 +51,40 @@ def test_padded_batch_keeps_loss_and_grads(tiny_dir):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+def _packed(features):
+    """TRL's padding-free layout: one row, positions restarting per example, no attention mask."""
+    ids = torch.tensor([sum(features, [])])
+    pos = torch.cat([torch.arange(len(f)) for f in features]).unsqueeze(0)
+    return {"input_ids": ids, "position_ids": pos, "labels": ids.masked_fill(pos == 0, -100)}
+
+
+def test_packed_row_padding_is_an_example_of_its_own(tiny_dir):
+    model, _ = FastLanguageModel.from_pretrained(tiny_dir(), load_in_4bit=False, max_seq_length=128)
+    model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, random_state=3)
+    randomize_lora_b(model, seed=12, std=0.1)
+    model.train()
+    g = torch.Generator().manual_seed(1)
+    features = [torch.randint(4, 500, (n,), generator=g).tolist() for n in (29, 11, 30)]
+    plain = _packed(features)
+    bucketed = BucketPadding(_packed, pad_token_id=3, max_length=128)(features)
+    assert bucketed["input_ids"].shape == (1, 128) and plain["input_ids"].shape == (1, 70)
+    assert "attention_mask" not in bucketed
+    assert torch.equal(bucketed["position_ids"][0, 70:], torch.arange(58))  # one more example, not 58
+    assert (bucketed["labels"][0, 70:] == -100).all() and (bucketed["input_ids"][0, 70:] == 3).all()
+
+    def loss_and_grads(batch):
+        model.zero_grad(set_to_none=True)
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    l0, g0 = loss_and_grads(plain)
+    l1, g1 = loss_and_grads(bucketed)
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_packed_rows_and_unknown_fields_pass_through():
     pad = BucketPadding(_collate, pad_token_id=3, max_length=128)
     packed = lambda f: {**_collate(f), "position_ids": torch.zeros(len(f), max(map(len, f)), dtype=torch.long)}  # noqa: E731
@@ -59,7 +94,8 @@ def test_packed_rows_and_unknown_fields_pass_through():
     assert pad([[5, 6, 7]])["input_ids"].shape == (1, 64)
 
 
-def test_sft_trainer_buckets_batches_when_graphs_will_run(tiny_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_sft_trainer_buckets_batches_when_graphs_will_run(tiny_dir, tmp_path, monkeypatch, packing):
     """SFTTrainer wraps its collator when the graph path trains the model (emulated here): the run's losses
     equal an unbucketed run's, and the graphs see at most the bucket lengths."""
     from transformers import TrainingArguments
@@ -80,11 +116,14 @@ def test_sft_trainer_buckets_batches_when_graphs_will_run(tiny_dir, tmp_path, mo
                                  learning_rate=1e-2, logging_steps=1, optim="sgd", seed=3, report_to="none",
                                  save_strategy="no")
         trainer = SFTTrainer(model=model, tokenizer=tok, train_dataset=ds, dataset_text_field="text",
-                             max_seq_length=256, args=args)
+                             max_seq_length=256, packing=packing, args=args)
         assert isinstance(trainer.data_collator, BucketPadding) == (mode == "auto")
+        if mode == "auto":  # packed: the two rows of a batch become one row of up to 2 x 256 tokens
+            assert trainer.data_collator.max_length == (512 if packing else 256)
         trainer.train()
         st = graphs.state_of(model.get_base_model())
         runs[mode] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         if mode == "auto":
             assert 0 < st.captures and all(key[0][1] % 64 == 0 for key in st.sets)  # bucket lengths only
+            assert all(key[0][0] == 1 for key in st.sets) == packing
     torch.testing.assert_close(torch.tensor(runs["auto"]), torch.tensor(runs[False]), rtol=1e-5, atol=1e-6)

@@ -96,6 +96,19 @@ def test_auto_records_the_first_shapes_then_stays_eager(tiny_dir, emulate, notic
     assert sum("batch shapes keep changing" in m for m in notices) == 1
 
 
+def test_auto_leaves_long_batches_eager(tiny_dir, emulate, notices, monkeypatch):
+    monkeypatch.setattr(graphs, "AUTO_MAX_TOKENS", 40)
+    model = _model(tiny_dir)  # "auto"
+    _train(model, 1, shapes={0: (2, 24)})  # 48 tokens: over the limit
+    assert _captures(model) == 0 and sum("more than 40 tokens" in m for m in notices) == 1
+    _train(model, 1, shapes={0: (2, 16)})  # 32 tokens: recorded
+    assert _captures(model) == 1
+    graphs.set_cuda_graphs(model, True)  # True records any size
+    _train(model, 1, shapes={0: (2, 24)})
+    assert _captures(model) == 1 and graphs.state_of(model.get_base_model()).mode is True
+    assert len(graphs.state_of(model.get_base_model()).sets) == 1
+
+
 def test_shapes_share_buffers_sized_for_max_seq_length(tiny_dir, emulate):
     """Every shape's static buffers are views of one arena sized for batch x max_seq_length (128 here),
     so more shapes cost no more memory; a longer batch grows it and drops what used the old memory."""

@@ -9,6 +9,7 @@ from trl import SFTConfig
 
 from velotune import FastLanguageModel, SFTTrainer, VelotuneError, get_alpaca_formatter, is_bfloat16_supported
 from velotune.data.bundled import load_alpaca_dataset
+from velotune.training.optim import _StepWithoutHostSyncs
 
 
 def _peft(tiny_dir, load_in_4bit=True, **kw):
@@ -48,6 +49,8 @@ def test_seed_call_equals_current_trl_call(tiny_dir, tmp_path):
         after = _lora_state(model)
         assert torch.isfinite(torch.tensor(stats.training_loss))
         assert any(not torch.equal(before[k], after[k]) for k in before), "training did not change LoRA weights"
+        inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate's wrapper
+        assert isinstance(inner, _StepWithoutHostSyncs)  # bitsandbytes' step without its per-parameter sync
         runs.append((stats.training_loss, after))
     assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-6)
     for k in runs[0][1]:

@@ -112,24 +112,26 @@ def validate_gc(value) -> None:
 
 
 def gradient_checkpointing_mode(value) -> bool:
-    """Map the user's value to what runs today; says once what a synonym means."""
+    """Map the user's value to gradient checkpointing on/off; says once when a GPU path is switched off.
+
+    "unsloth" / "offload" and "auto" checkpoint (True); what they add (host offload, the memory planner)
+    happens in the fast forward (models/offload.py, models/graphs.py), which reads the original value."""
+    from .models import graphs, offload
+
     validate_gc(value)
-    if value in ("unsloth", "offload"):
+    if value in ("unsloth", "offload") and not offload.ENABLED_ON_CUDA:
         say_once(
             "gc-offload",
-            f"use_gradient_checkpointing={value!r}: offloaded checkpointing (layer inputs in pinned host memory) "
-            "is written but awaits its GPU test; using recompute checkpointing (same numerics, more GPU memory)",
+            f"use_gradient_checkpointing={value!r}: offloaded checkpointing is switched off on GPUs "
+            "(velotune.models.offload.ENABLED_ON_CUDA); using recompute checkpointing (same numerics, more GPU memory)",
         )
-        return True
-    if value == "auto":
+    if value == "auto" and not graphs.KEEP_ON_CUDA:
         say_once(
             "gc-auto",
-            "use_gradient_checkpointing='auto': the memory planner (keep as many layers' activations as "
-            "velotune.set_memory_budget allows, recompute the rest) is written but awaits its GPU test; using "
-            "recompute checkpointing (same numerics)",
+            "use_gradient_checkpointing='auto': the memory planner is switched off on GPUs "
+            "(velotune.models.graphs.KEEP_ON_CUDA); using recompute checkpointing (same numerics)",
         )
-        return True
-    return bool(value)
+    return value is not False
 
 
 def get_peft_model(model, r=16, target_modules=None, lora_alpha=16, lora_dropout=0.0, bias="none",

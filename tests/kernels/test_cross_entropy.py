@@ -169,3 +169,21 @@ def test_gpu_bf16_matches_truth(case, weight_grad):
 @pytest.mark.gpu
 def test_gpu_fp32_matches_truth():
     _check((1000, 2048, 32000, 256, 50.0, None), torch.float32, True, device="cuda")
+
+
+def test_rows_found_early_give_the_same_loss_and_grads(monkeypatch):
+    """valid= (the decoder finds the rows before its layers run) changes nothing, and skips the search."""
+    import velotune.kernels.cross_entropy as ce
+
+    hidden, weight, labels = _inputs(33, 64, 1000, torch.float32, 6, ignore_frac=0.5)
+    valid = ce.valid_rows(labels, -100, 1000)
+    assert torch.equal(valid[0], (labels != -100).nonzero().squeeze(1)) and torch.equal(valid[1], labels[valid[0]])
+    plain = _run(LinearCrossEntropyFunction.apply, hidden, weight, labels, -100, None, None, 8)
+
+    def no_search(*a):
+        raise AssertionError("valid rows were searched again")
+
+    monkeypatch.setattr(ce, "valid_rows", no_search)
+    early = _run(LinearCrossEntropyFunction.apply, hidden, weight, labels, -100, None, None, 8, valid)
+    for a, b in zip(plain, early):
+        assert torch.equal(a, b)

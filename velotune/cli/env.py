@@ -104,7 +104,7 @@ def _graphs_line(cuda: bool) -> str:
 
 
 def _pending_line(cuda: bool) -> str:
-    """The GPU paths that are written and CPU-tested but wait for their GPU test (bench/NOTES.md)."""
+    """The GPU paths switched off by their kill-switch flag (all on by default, each GPU-tested)."""
     from ..models import decoder, graphs, offload
 
     flags = {"offloaded checkpointing": offload.ENABLED_ON_CUDA, "memory planner / no-recompute graphs":
@@ -115,7 +115,7 @@ def _pending_line(cuda: bool) -> str:
         return "GPU paths: n/a (no CUDA GPU)"
     if not waiting:
         return "GPU paths: all on"
-    return f"GPU paths awaiting their GPU test (off; the verified paths run instead): {', '.join(waiting)}"
+    return f"GPU paths switched off (their flag; the plain paths run instead): {', '.join(waiting)}"
 
 
 def _families_line() -> str:

@@ -19,7 +19,7 @@ F.cross_entropy): the logits and their gradient are rounded to the input dtype e
 autograd rounds them; the kernel applies softcap in fp32 (HF: in bf16, three roundings). With a
 trainable bf16 W, each chunk's dW product is rounded to bf16 once and the chunks are summed in fp32,
 then rounded once (HF: one GEMM, one rounding). Syncs: two short host syncs per call (nonzero of the
-label mask, label range).
+label mask, label range; `valid_rows`, which a caller may run early: the decoder runs it before the layers).
 """
 from __future__ import annotations
 
@@ -166,10 +166,11 @@ def _launch_ce_rows(logits, labels, losses, scale, softcap, compute_grad):
     )
 
 
-def _valid_rows(labels, ignore_index, n_vocab):
-    """(indices of non-ignored rows, their labels); raises on a label outside [0, V). Two host syncs:
-    nonzero sizes its output, and the range check reads min/max (an out-of-range label would otherwise
-    read outside the logits row on the GPU)."""
+def valid_rows(labels, ignore_index, n_vocab):
+    """(indices of non-ignored rows, their labels) of flat ``labels`` [N]; raises on a label outside
+    [0, V). Two host syncs: nonzero sizes its output, and the range check reads min/max (an
+    out-of-range label would otherwise read outside the logits row on the GPU). A caller may compute
+    this early (before the GPU queue fills) and pass it to ``linear_cross_entropy(valid=)``."""
     idx = (labels != ignore_index).nonzero().squeeze(1)
     lab = labels.index_select(0, idx) if idx.numel() < labels.numel() else labels
     if idx.numel():
@@ -214,10 +215,11 @@ class _WeightGrad:
         return self.acc.to(self.dtype)
 
 
-def _fused_forward(hidden, weight, labels, ignore_index, softcap, num_items, chunk_rows, need_dh, need_dw):
+def _fused_forward(hidden, weight, labels, ignore_index, softcap, num_items, chunk_rows, need_dh, need_dw,
+                   valid=None):
     """(loss fp32 0-dim, dh [N, H] or None, dW [V, H] or None); dh/dW are d loss / d input."""
     n, n_vocab = hidden.shape[0], weight.shape[0]
-    idx, lab = _valid_rows(labels, ignore_index, n_vocab)
+    idx, lab = valid if valid is not None else valid_rows(labels, ignore_index, n_vocab)
     n_valid = idx.numel()
     scale = 1.0 / _denominator(num_items, n_valid, torch.float32, hidden.device)
     if n_valid == 0:
@@ -249,16 +251,17 @@ def _fused_forward(hidden, weight, labels, ignore_index, softcap, num_items, chu
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """apply(hidden [N, H], weight [V, H], labels [N], ignore_index, softcap, num_items_in_batch,
-    chunk_rows) -> 0-dim fp32 loss. Gradients are computed in forward; backward scales them in place,
+    chunk_rows, valid) -> 0-dim fp32 loss (valid: ``valid_rows(labels, ...)`` computed earlier, or None). Gradients are computed in forward; backward scales them in place,
     so it runs once per forward (no retain_graph re-run)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, softcap, num_items_in_batch, chunk_rows):
+    def forward(ctx, hidden, weight, labels, ignore_index, softcap, num_items_in_batch, chunk_rows, valid=None):
         _check_args(hidden, weight, labels, softcap)
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         with torch.autocast(hidden.device.type, enabled=False):  # dtypes are chosen explicitly
             loss, dh, dw = _fused_forward(
-                hidden, weight, labels, ignore_index, softcap, num_items_in_batch, chunk_rows, need_dh, need_dw
+                hidden, weight, labels, ignore_index, softcap, num_items_in_batch, chunk_rows, need_dh, need_dw,
+                valid,
             )
         ctx.save_for_backward(dh, dw)
         ctx.backward_done = False
@@ -277,7 +280,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             dh.mul_(grad_loss.to(dh.dtype))
         if dw is not None:
             dw.mul_(grad_loss.to(dw.dtype))
-        return dh, dw, None, None, None, None, None
+        return dh, dw, None, None, None, None, None, None
 
 
 def _check_args(hidden, weight, labels, softcap):
@@ -314,6 +317,7 @@ def linear_cross_entropy(
     num_items_in_batch: int | torch.Tensor | None = None,
     return_logits: bool = False,
     chunk_rows: int | None = None,
+    valid=None,
 ):
     """Causal-LM loss of `hidden @ weight.T` without materialising the logits.
 
@@ -327,6 +331,8 @@ def linear_cross_entropy(
         return_logits: the caller wants the logits: they are computed normally ([..., V], input dtype,
             softcapped) and the loss from them, unfused; returns (loss, logits).
         chunk_rows: rows per chunk; None sizes chunks from V and H to CHUNK_BYTES.
+        valid: ``valid_rows(labels.reshape(-1), ignore_index, V)`` computed by the caller beforehand (its
+            host syncs then happen where they cost nothing); None computes it here.
     Returns:
         0-dim fp32 loss, or (loss, logits) with return_logits. CUDA runs the fused kernel; elsewhere
         `linear_cross_entropy_reference`.
@@ -340,6 +346,6 @@ def linear_cross_entropy(
         return _loss_from_logits(logits, lab, ignore_index, num_items_in_batch), logits
     if use_triton(h2):
         return LinearCrossEntropyFunction.apply(
-            h2, weight, lab, ignore_index, softcap, num_items_in_batch, chunk_rows
+            h2, weight, lab, ignore_index, softcap, num_items_in_batch, chunk_rows, valid
         )
     return linear_cross_entropy_reference(h2, weight, lab, ignore_index, softcap, num_items_in_batch)

@@ -29,7 +29,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .._layers import is_4bit, is_8bit, is_lora_layer, is_modules_to_save, saved_module
 from .._notices import say_once
-from ..kernels.cross_entropy import linear_cross_entropy
+from ..kernels.cross_entropy import linear_cross_entropy, valid_rows
 from ..kernels.lora import lora_linear, lora_mlp, lora_qkv
 from ..kernels.rms_norm import rms_norm
 from ..kernels.rope import rope, rope_cos_sin
@@ -223,16 +223,31 @@ def _lm_head_weight(model):
     return head.weight
 
 
-def _loss_or_logits(model, hidden, labels, shift_labels, num_items_in_batch, logits_to_keep, softcap):
+def _shifted(labels, shift_labels, device):
+    """The next-token targets: ``shift_labels`` as given, else ``labels`` shifted left (last = -100)."""
+    if shift_labels is None:
+        shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100)
+    return shift_labels.to(device)
+
+
+def _early_rows(model, shift_labels):
+    """The fused loss's non-ignored rows, found BEFORE the decoder runs: finding them costs a host sync
+    (kernels/cross_entropy.valid_rows), which here waits for an almost empty GPU queue instead of for
+    the whole forward (after which the GPU would idle while the host launches the loss and backward)."""
     weight = _lm_head_weight(model)
-    if labels is None and shift_labels is None:
+    if not model.training or weight is None or not weight.is_cuda:
+        return None
+    return valid_rows(shift_labels.reshape(-1), -100, weight.shape[0])
+
+
+def _loss_or_logits(model, hidden, shift_labels, num_items_in_batch, logits_to_keep, softcap, rows=None):
+    weight = _lm_head_weight(model)
+    if shift_labels is None:
         sl = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = model.lm_head(hidden[:, sl])
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
         return None, logits
-    if shift_labels is None:
-        shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100)
     shift_labels = shift_labels.to(hidden.device)
     if weight is None:  # a LoRA'd or biased head: plain logits, HF-style loss
         logits = model.lm_head(hidden)
@@ -242,7 +257,7 @@ def _loss_or_logits(model, hidden, labels, shift_labels, num_items_in_batch, log
         return loss / denom, logits
     if model.training:
         return linear_cross_entropy(hidden, weight, shift_labels, softcap=softcap,
-                                    num_items_in_batch=num_items_in_batch), None
+                                    num_items_in_batch=num_items_in_batch, valid=rows), None
     return linear_cross_entropy(hidden, weight, shift_labels, softcap=softcap,
                                 num_items_in_batch=num_items_in_batch, return_logits=True)
 
@@ -279,12 +294,16 @@ def fast_forward(self, input_ids=None, attention_mask=None, position_ids=None, p
     config = self.config
     spec = state["spec"]
     softcap = getattr(config, "final_logit_softcapping", None)
+    targets = rows = None
+    if labels is not None or shift_labels is not None:
+        targets = _shifted(labels, shift_labels, input_ids.device)
+        rows = _early_rows(self, targets)
     if spec is None:  # unknown family: HF backbone, fused loss
         out = self.model(**{k: v for k, v in call.items() if k != "use_cache"}, use_cache=False)
         hidden = out.last_hidden_state
     else:
         hidden = _backbone(self, spec, input_ids, attention_mask, position_ids)
-    loss, logits = _loss_or_logits(self, hidden, labels, shift_labels, num_items_in_batch, logits_to_keep, softcap)
+    loss, logits = _loss_or_logits(self, hidden, targets, num_items_in_batch, logits_to_keep, softcap, rows)
     return CausalLMOutputWithPast(loss=loss, logits=logits)
 
 
@@ -443,10 +462,12 @@ def _static_inputs(plan, attn_plans, position_ids, x):
 
 
 # ------------------------------------------------------------------------------ generation path
-# The generation path (a KV cache: HF generate's calls) was written and checked on CPU (greedy outputs
-# equal HF's, tests/test_decode.py) but has not run on a GPU yet: until
-# tests/test_fast_forward_gpu.py::test_generation_matches_hf passes there, CUDA models generate with HF's
-# forward. Flip after that run.
+# The generation path (a KV cache: HF generate's calls): greedy outputs equal HF's (tests/test_decode.py
+# on CPU; tests/test_fast_forward_gpu.py::test_generation_matches_hf passed on an H200, 2026-11-28).
+# Off on CUDA: correct there, but not faster yet (bench/decode.py, 8B shape 4-bit, H200, 2026-11-28:
+# 7.2 tok/s at batch 1 and 55.4 at batch 8 vs HF's forward 8.6 and 57.6: decoding is bound by the host's
+# per-token launches, and batch 1 dequantises whole weights where bitsandbytes runs a 4-bit GEMV).
+# Turn on when a change (CUDA graphs for decode, a 4-bit GEMV) makes it faster in that benchmark.
 DECODE_ON_CUDA = False
 
 
@@ -526,7 +547,7 @@ def _cached_forward(self, spec, input_ids, attention_mask, position_ids, past_ke
     for layer in backbone.layers[: config.num_hidden_layers]:
         x = _layer(layer, x, plan, (None, None))
     hidden = _norm(x, backbone.norm, plan)
-    _, logits = _loss_or_logits(self, hidden, None, None, None, logits_to_keep,
+    _, logits = _loss_or_logits(self, hidden, None, None, logits_to_keep,
                                 getattr(config, "final_logit_softcapping", None))
     return CausalLMOutputWithPast(logits=logits, past_key_values=past_key_values)
 

@@ -16,15 +16,14 @@ What is captured, per decoder layer ``l``, by policy (POLICIES, from use_gradien
   and wait in pinned host memory (GraphSet).
 * "keep" (False): ``F_l`` runs with grad, so its activations stay in the graphs' pool; ``B_l`` is the
   backward of that recorded graph (no recompute). "auto": the first layers keep, the rest recompute,
-  as many as the memory budget allows (plan_keep). Both are CPU-tested and off on CUDA until their GPU
-  test has run (KEEP_ON_CUDA).
+  as many as the memory budget allows (plan_keep). GPU-tested (KEEP_ON_CUDA: the kill switch).
 
 Numerics are those of the eager fast forward: the same kernels run on the same inputs (the graphs
 are recorded from that code). When graphs are used (all must hold, checked per call):
 CUDA, training, grad enabled, every projection of every layer on the fused LoRA path (no dropout, no
-8-bit base), and plain causal attention with positions 0..T-1 (right padding included) — or, once
-STATIC_INPUTS_ON_CUDA is on, any attention the fast forward plans (packed rows, padding masks, windows):
-its per-call inputs are then static copies refilled every call. A capture
+8-bit base), and any attention the fast forward plans (plain causal, packed rows, padding masks, windows): its
+per-call inputs are static copies refilled every call (STATIC_INPUTS_ON_CUDA: the kill switch; off,
+only plain causal attention with positions 0..T-1 is recorded). A capture
 costs about two eager steps and is kept per batch shape (up to 8 shapes; their static buffers are
 shared, sized for batch x max_seq_length); ``mode="auto"`` records the first 8 shapes it sees and then
 stops recording new ones (batches whose length changes every step gain nothing: pad them to a few
@@ -57,6 +56,11 @@ from .._notices import say, say_once
 MODES = ("auto", True, False)
 _MAX_SETS = 8  # batch shapes kept per model (their static buffers are shared: _Arena)
 _MAX_CAPTURES = 8  # per model in "auto": shapes that keep changing stay eager
+# "auto" leaves batches of more tokens than this eager: their step is seconds of GPU work, so launching
+# kernels one by one costs nothing measurable, while the graphs' pool would hold one layer's
+# temporaries (GiBs at such lengths) that the eager loss could otherwise reuse: long-context runs are
+# memory-bound. mode=True still records them.
+AUTO_MAX_TOKENS = 65536
 _WARMUP_STEPS = 1  # eager runs of each captured piece before capture (Triton compile, cuBLAS init)
 
 # torch.cuda.graph's capture_error_mode (CUDA's stream-capture interaction mode); bench/diag_graphs.py
@@ -64,9 +68,9 @@ _WARMUP_STEPS = 1  # eager runs of each captured piece before capture (Triton co
 CAPTURE_ERROR_MODE = "global"
 
 # Batches that need attention inputs per call (packed rows, padding masks, sliding windows, positions
-# other than 0..T-1) are recorded with static copies of those inputs. CPU-tested (emulated); on CUDA
-# off until tests/test_fast_forward_gpu.py::test_cuda_graphs_packed_rows passes there. Flip after that.
-STATIC_INPUTS_ON_CUDA = False
+# other than 0..T-1) are recorded with static copies of those inputs. On since
+# tests/test_fast_forward_gpu.py::test_cuda_graphs_packed_rows passed on an H200 (2026-11-28).
+STATIC_INPUTS_ON_CUDA = True
 
 # Tests set this to emulate graphs on CPU: a "replay" then re-runs the recorded function and copies
 # its results into the static buffers, which exercises every part of this file but the capture.
@@ -108,10 +112,10 @@ _RING = 3  # GPU slots for layer inputs when they are offloaded (x[l] lives in s
 # "offload"), "auto" (the planner, plan_keep: keep as many layers as the memory budget allows, recompute
 # the rest).
 POLICIES = ("keep", "recompute", "offload", "auto")
-# "keep" and "auto" record forwards with grad and replay a retained backward; CPU-tested (emulated),
-# not yet run on a GPU: until tests/test_fast_forward_gpu.py::test_cuda_graphs_train_like_eager[*-keep /
-# *-auto] passes there, those policies run eagerly on CUDA (as before graphs). Flip after that run.
-KEEP_ON_CUDA = False
+# "keep" and "auto" record forwards with grad and replay a retained backward. On since
+# tests/test_fast_forward_gpu.py::test_cuda_graphs_train_like_eager[*-keep / *-auto] passed on an H200
+# (2026-11-28); False (a kill switch) runs those policies eagerly on CUDA.
+KEEP_ON_CUDA = True
 _AUTO_RESERVE = 0.10  # "auto" without a budget: leave this fraction of the card free ...
 _AUTO_RESERVE_MIN = 2 << 30  # ... and at least this much (the loss, optimizer and allocator slack)
 
@@ -485,6 +489,11 @@ def run_stack(model, layers, x: torch.Tensor, make_run_layer, key_extra=(), chec
         st.sets.pop(key).close()  # parameters were replaced or (un)frozen: record again
         gs = None
     if gs is None:
+        if st.mode == "auto" and x.shape[0] * x.shape[1] > AUTO_MAX_TOKENS:
+            say_once(f"graphs-long-{id(st)}", f"CUDA graphs: batches of more than {AUTO_MAX_TOKENS} tokens run "
+                     "without graphs (no speed to gain at that size, and their memory pool would cost context "
+                     "length); velotune.set_cuda_graphs(model, True) records them anyway")
+            return None
         if st.mode == "auto" and st.captures >= _MAX_CAPTURES:
             say_once(f"graphs-shapes-{id(st)}", "CUDA graphs: batch shapes keep changing, so new shapes run without "
                      "graphs; pad batches to a fixed length (e.g. pad_to_multiple_of) to get them")

@@ -14,10 +14,10 @@ import torch
 
 from .graphs import autocast_state
 
-# Written and tested on CPU (tests/test_graphs.py) but not yet run on a GPU: until
-# tests/test_fast_forward_gpu.py::test_cuda_graphs_train_like_eager[llama-offload-*] has passed on the
-# device, "unsloth" / "offload" run plain recompute on CUDA (adapters.py says so). Flip after that run.
-ENABLED_ON_CUDA = False
+# On since tests/test_fast_forward_gpu.py::test_cuda_graphs_train_like_eager[llama-offload-*] passed on
+# an H200 (2026-11-28). A kill switch: False makes "unsloth" / "offload" run plain recompute on CUDA
+# (same numerics, more GPU memory; adapters.py says so).
+ENABLED_ON_CUDA = True
 # Tests set this to run the offload paths on CPU (the "host copy" is then a CPU clone).
 ON_CPU = False
 

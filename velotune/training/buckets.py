@@ -8,8 +8,11 @@ token never attends to a later position, so right padding changes no real token'
 forward runs right-padded training batches with plain causal attention, models/attention.py). The
 cost is the padded positions' compute, under one bucket step per row.
 
-Batches with ``position_ids`` (packed / padding-free rows) or with fields this module does not know how
-to pad are passed through untouched.
+Packed (padding-free) batches, one row of concatenated examples with ``position_ids`` restarting at 0
+per example, are padded the same way: the extra tokens form one more example of their own (positions
+0, 1, ...; labels -100), which attention keeps apart from the real ones, so again no real token's
+result changes. Other batches with ``position_ids``, or with fields this module does not know how to
+pad, are passed through untouched.
 """
 from __future__ import annotations
 
@@ -42,8 +45,11 @@ class BucketPadding:
     def __call__(self, features):
         batch = self.collator(features)
         ids = batch.get("input_ids") if hasattr(batch, "get") else None
-        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or "position_ids" in batch:
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
             return batch
+        packed = "position_ids" in batch
+        if packed and (ids.shape[0] != 1 or "attention_mask" in batch):
+            return batch  # only TRL's padding-free layout (one row, no mask) is padded as an extra example
         t = ids.shape[1]
         target = self.length_for(t)
         if target == t:
@@ -52,11 +58,15 @@ class BucketPadding:
         padded = {}
         for key, value in batch.items():
             if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape[1] == t:
-                if key not in fills:
+                if key == "position_ids" and packed:
+                    tail = torch.arange(target - t, dtype=value.dtype, device=value.device)
+                    value = torch.cat([value, tail.unsqueeze(0)], dim=1)  # one more example: the padding
+                elif key not in fills:
                     return batch  # a [B, T] field we do not know how to pad: leave the batch as it is
-                value = F.pad(value, (0, target - t), value=fills[key])
+                else:
+                    value = F.pad(value, (0, target - t), value=fills[key])
             padded[key] = value
-        if "attention_mask" not in padded:
+        if not packed and "attention_mask" not in padded:
             return batch  # without a mask the extra tokens would look real
         batch.update(padded)  # a dict or transformers' BatchEncoding: keep its type
         return batch
@@ -64,14 +74,14 @@ class BucketPadding:
 
 def wrap_trainer_collator(trainer, model, state) -> bool:
     """Give ``trainer`` bucket padding when the CUDA-graph path will train this model: a velotune model
-    with gradient checkpointing, graphs not turned off, on CUDA, unpacked rows. Says so once. Returns
-    whether the collator was wrapped."""
+    with gradient checkpointing, graphs not turned off, on CUDA. Packed / padding-free batches (one row
+    of up to ``per_device_train_batch_size x max_length`` tokens) get buckets of that length. Says so
+    once. Returns whether the collator was wrapped."""
     from .._notices import say_once
     from ..models import graphs
 
     args = trainer.args
-    if state is None or not state.gradient_checkpointing or getattr(args, "packing", False) \
-            or getattr(args, "padding_free", False) or isinstance(trainer.data_collator, BucketPadding):
+    if state is None or not state.gradient_checkpointing or isinstance(trainer.data_collator, BucketPadding):
         return False
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if "_velotune_fast" not in base.__dict__ or graphs.state_of(base).mode is False:
@@ -83,6 +93,8 @@ def wrap_trainer_collator(trainer, model, state) -> bool:
     if pad is None or trainer.data_collator is None:
         return False
     max_length = getattr(args, "max_length", None) or state.max_seq_length
+    if getattr(args, "packing", False) or getattr(args, "padding_free", False):
+        max_length *= args.per_device_train_batch_size  # the rows of a batch become one row
     trainer.data_collator = BucketPadding(trainer.data_collator, pad, max_length)
     say_once("bucket-padding", f"training batches are right-padded to multiples of {trainer.data_collator.step} "
              f"tokens (at most {N_BUCKETS} lengths) so CUDA graphs can be reused; the loss is unchanged "

@@ -28,6 +28,7 @@ from ..distributed import destroy_at_exit, world
 from .buckets import wrap_trainer_collator
 from .callbacks import ProgressPostfix
 from .checkpoints import AtomicCheckpointMixin
+from .optim import without_host_syncs
 
 # Old-TRL trainer keywords -> SFTConfig field.
 _LEGACY_KEYS = {
@@ -208,6 +209,13 @@ class SFTTrainer(AtomicCheckpointMixin, trl.SFTTrainer):
         bar = next((c for c in self.callback_handler.callbacks if isinstance(c, ProgressCallback)), None)
         if bar is not None:
             self.add_callback(ProgressPostfix(bar))
+
+    def create_optimizer(self, *args, **kwargs):
+        """The optimizer ``args.optim`` names; bitsandbytes' non-paged ones step without a host sync per
+        parameter (training/optim.py: the same kernels and results, without the GPU idling between them)."""
+        super().create_optimizer(*args, **kwargs)
+        self.optimizer = without_host_syncs(self.optimizer)
+        return self.optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Loss = sum of label-token losses / label tokens in the whole accumulated batch (all ranks' under

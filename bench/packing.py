@@ -1,0 +1,206 @@
+"""Packed vs padded training on variable-length data: tokens/s of real (non-pad) tokens (issue #4).
+
+velotune's SFTTrainer, the seed's settings (QLoRA r16 on 7 targets, "unsloth" checkpointing, AdamW8bit,
+bf16) on a random-init Llama checkpoint of the named shape, over a pre-tokenized dataset whose example
+lengths are drawn uniformly from ``--min-len``..``--max-len`` (seeded). Two modes, each in its own process:
+
+* ``padded``: ``per_device_train_batch_size=2``, ``max_length=--max-len``: rows padded to the batch's
+  longest (and then to velotune's bucket lengths, for CUDA graphs);
+* ``packed``: ``packing=True`` (TRL's best-fit-decreasing packing, padding-free rows with positions
+  restarting per example), the same ``per_device_train_batch_size=2`` and ``max_length``.
+
+Real tokens per step are counted in TRL's collator, before velotune's bucket padding; tokens/s = real tokens of steps after ``--warmup`` / their
+wall time (CUDA-synchronised at each step end). One JSON row per mode goes to ``--results``.
+
+    python bench/packing.py --shape 1b --results bench/results/packing.jsonl
+    python bench/packing.py --shape tiny --device cpu --examples 24 --results /tmp/p.jsonl   # smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MODES = ("padded", "packed")
+
+
+def lengths(n: int, lo: int, hi: int, seed: int) -> list[int]:
+    import random
+
+    rng = random.Random(seed)
+    return [rng.randint(lo, hi) for _ in range(n)]
+
+
+def make_dataset(n: int, lo: int, hi: int, vocab: int, seed: int):
+    """Pre-tokenized examples (``input_ids``) of random tokens with the drawn lengths."""
+    import random
+
+    from datasets import Dataset
+
+    rng = random.Random(seed + 1)
+    ids = [[rng.randrange(10, vocab) for _ in range(t)] for t in lengths(n, lo, hi, seed)]
+    return Dataset.from_dict({"input_ids": ids})
+
+
+def tiny_checkpoint(folder: Path) -> Path:
+    """A small random Llama (for the CPU smoke run) with the benchmark's tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    sys.path.insert(0, str(HERE))
+    from run_train_step import make_tokenizer
+
+    if (folder / "config.json").is_file():
+        return folder
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=512, max_position_embeddings=4096, bos_token_id=1,
+                      eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+    tok = make_tokenizer(cfg.vocab_size)
+    tok.bos_token, tok.eos_token, tok.pad_token = "t1", "t2", "t0"
+    tok.save_pretrained(folder)
+    return folder
+
+
+class _Counter:
+    """Wraps TRL's collator (inside velotune's bucket padding); records each batch's real tokens: the
+    attention mask's ones for padded rows, every token of a padding-free packed row."""
+
+    def __init__(self, collator):
+        self.collator, self.counts = collator, []
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        mask = batch.get("attention_mask")
+        self.counts.append(int(mask.sum()) if mask is not None else batch["input_ids"].numel())
+        return batch
+
+
+def one_mode(args) -> dict:
+    import torch
+    from transformers import TrainerCallback, TrainingArguments
+
+    from velotune import FastLanguageModel, SFTTrainer
+
+    cuda = args.device == "cuda"
+    model, tok = FastLanguageModel.from_pretrained(args.ckpt, max_seq_length=args.max_len,
+                                                   dtype=torch.bfloat16 if cuda else torch.float32,
+                                                   load_in_4bit=cuda)
+    model = FastLanguageModel.get_peft_model(model, r=16, target_modules=TARGETS, lora_alpha=16, lora_dropout=0,
+                                             bias="none", use_gradient_checkpointing="unsloth", random_state=3407)
+    ds = make_dataset(args.examples, args.min_len, args.max_len, model.config.vocab_size, args.seed)
+    times = []
+
+    class _Clock(TrainerCallback):
+        def on_step_end(self, *a, **k):
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter())
+
+    targs = TrainingArguments(output_dir=str(Path(args.workdir) / f"out-{args.mode}"), per_device_train_batch_size=2,
+                              num_train_epochs=1, learning_rate=2e-4, lr_scheduler_type="linear",
+                              optim="adamw_8bit" if cuda else "adamw_torch", bf16=cuda, logging_steps=10_000,
+                              save_strategy="no", report_to="none", seed=3407, use_cpu=not cuda,
+                              dataloader_num_workers=0)
+    trainer = SFTTrainer(model=model, tokenizer=tok, train_dataset=ds, max_seq_length=args.max_len,
+                         packing=args.mode == "packed", args=targs, callbacks=[_Clock()])
+    from velotune.training.buckets import BucketPadding
+
+    outer = trainer.data_collator
+    if isinstance(outer, BucketPadding):
+        counter = outer.collator = _Counter(outer.collator)
+    else:
+        counter = trainer.data_collator = _Counter(outer)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    trainer.train()
+    total = time.perf_counter() - t0
+    w = min(args.warmup, len(times) - 1)
+    steady_tokens = sum(counter.counts[w + 1: len(times)])
+    steady_s = times[-1] - times[w]
+    return {
+        "mode": args.mode, "steps": len(times), "real_tokens": sum(counter.counts),
+        "tokens_per_s": round(steady_tokens / steady_s, 1) if steady_s > 0 else None,
+        "tokens_per_s_with_warmup": round(sum(counter.counts[: len(times)]) / total, 1),
+        "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
+        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3) if cuda else None,
+        "final_loss": trainer.state.log_history[-1].get("train_loss"),
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--mode", choices=MODES)
+    p.add_argument("--ckpt")
+    p.add_argument("--json")
+    p.add_argument("--shape", default="1b", choices=["1b", "8b", "tiny"])
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--examples", type=int, default=1024)
+    p.add_argument("--min-len", type=int, default=64)
+    p.add_argument("--max-len", type=int, default=2048)
+    p.add_argument("--warmup", type=int, default=8, help="steps left out of tokens/s (graph captures happen here)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--results")
+    p.add_argument("--timeout", type=int, default=500)
+    p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "velotune-bench"))
+    args = p.parse_args()
+    if args.mode:  # child process: one mode
+        try:
+            row = one_mode(args)
+        except Exception as e:  # a failing mode is a result too
+            import traceback
+
+            traceback.print_exc()
+            row = {"mode": args.mode, "error": f"{type(e).__name__}: {e}"[:2000]}
+        Path(args.json).write_text(json.dumps(row))
+        return 0
+    sys.path.insert(0, str(HERE))
+    from run_train_step import make_checkpoint, versions
+
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    if args.shape == "tiny":
+        ckpt, card = tiny_checkpoint(work / "llama-tiny"), "cpu" if args.device == "cpu" else None
+    else:
+        ckpt = make_checkpoint(args.shape, work / f"llama-{args.shape}")
+    if args.device == "cuda":
+        import torch
+
+        card = torch.cuda.get_device_name(0)
+    run_id = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    vers = versions()
+    for mode in args.modes:
+        out = work / f"packing-{args.shape}-{mode}.json"
+        out.unlink(missing_ok=True)
+        cmd = [sys.executable, __file__, "--mode", mode, "--ckpt", str(ckpt), "--json", str(out), "--examples",
+               str(args.examples), "--min-len", str(args.min_len), "--max-len", str(args.max_len), "--warmup",
+               str(args.warmup), "--seed", str(args.seed), "--device", args.device, "--workdir", str(work)]
+        t = time.perf_counter()
+        try:
+            subprocess.run(cmd, timeout=args.timeout, check=False)
+            row = json.loads(out.read_text())
+        except (subprocess.TimeoutExpired, OSError, ValueError) as e:
+            row = {"mode": mode, "error": f"{type(e).__name__}: {e}"}
+        row.update(run_id=run_id, bench="packing", shape=f"llama-{args.shape}", card=card, examples=args.examples,
+                   lengths=f"{args.min_len}-{args.max_len}", batch=2, gc="unsloth", wall_s=round(time.perf_counter() - t, 1),
+                   versions=vers)
+        with open(args.results, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"[packing] {args.shape} {mode}: " + json.dumps({k: row.get(k) for k in
+              ("tokens_per_s", "tokens_per_s_with_warmup", "steps", "real_tokens", "peak_reserved_gib", "error")}),
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
