@@ -118,6 +118,58 @@ sys.exit(code)
 '''
 
 
+# A training loop of the user's own over an FSDP2-sharded model (velotune.distributed.fsdp_shard): the same
+# global batch of 4 rows each step, split over the ranks (equal token counts, so the mean of the ranks'
+# mean losses is the global mean: FSDP averages gradients over ranks).
+FSDP_SCRIPT = '''
+import json, os, sys
+import torch
+import torch.distributed as dist
+import velotune.models.decoder as decoder
+from velotune import FastLanguageModel
+from velotune.distributed import fsdp_shard
+
+model_dir, out, quant = sys.argv[1], sys.argv[2], sys.argv[3] == "4bit"
+fused = []
+real_qkv = decoder.lora_qkv
+decoder.lora_qkv = lambda *a, **k: fused.append(1) or real_qkv(*a, **k)
+ranks = "RANK" in os.environ
+if ranks:
+    dist.init_process_group("gloo")
+rank, size = (dist.get_rank(), dist.get_world_size()) if ranks else (0, 1)
+model, tok = FastLanguageModel.from_pretrained(model_dir, max_seq_length=64, load_in_4bit=quant, dtype=torch.float32)
+model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing=True, random_state=3)
+with torch.no_grad():  # LoRA B away from 0, so every LoRA weight gets a gradient from step 1
+    g = torch.Generator().manual_seed(11)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+if ranks:
+    fsdp_shard(model)
+model.train()
+opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+ids = torch.randint(4, 500, (4, 24), generator=torch.Generator().manual_seed(0))
+losses = []
+for step in range(3):
+    part = ids[rank * 4 // size:(rank + 1) * 4 // size]
+    loss = model(input_ids=part, labels=part).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    total = loss.detach().clone()
+    if ranks:
+        dist.all_reduce(total)
+    losses.append(total.item() / size)
+weights = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().tolist()
+           for n, p in model.named_parameters() if p.requires_grad}
+if rank == 0:
+    with open(out, "w") as f:
+        json.dump({"losses": losses, "weights": weights, "fused": len(fused)}, f)
+if ranks:
+    dist.destroy_process_group()
+'''
+
+
 def _env() -> dict:
     path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
@@ -311,6 +363,36 @@ def test_rank_device_map_more_ranks_than_gpus_and_cpu():
     with pytest.raises(VelotuneError, match=r"sees 1 CUDA GPU\(s\).*--nproc_per_node 1"):
         rank_device_map("auto", "cuda", RANK1, n_gpus=1)
     assert rank_device_map("auto", "cpu", RANK1, n_gpus=0) == {"": "cpu"}
+
+
+@pytest.mark.parametrize("quant", ["16bit", "4bit"])
+def test_fsdp2_sharded_model_trains_like_one_process(tiny_dir, tmp_path, quant):
+    """fsdp_shard: each decoder layer an FSDP2 unit (4-bit storage sharded too); the fused kernels run
+    inside each layer's call (gathered weights, quant_state from the module) and 2 ranks give one
+    process's losses and LoRA weights."""
+    (tmp_path / "fsdp_script.py").write_text(FSDP_SCRIPT)
+    model_dir = tiny_dir("llama")
+    res = {}
+    for name, launcher in (("one", [sys.executable]), ("fsdp", _torchrun(2))):
+        _run(launcher + ["fsdp_script.py", model_dir, str(tmp_path / f"{name}.json"), quant], tmp_path)
+        res[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    one, fsdp = res["one"], res["fsdp"]
+    assert fsdp["fused"] == one["fused"] > 0  # the fused q/k/v path ran on the sharded layers (fwd + recompute)
+    torch.testing.assert_close(torch.tensor(fsdp["losses"]), torch.tensor(one["losses"]), rtol=LOSS_RTOL, atol=0)
+    assert one["losses"][2] < one["losses"][0] - 1e-3  # it trained
+    assert fsdp["weights"].keys() == one["weights"].keys() and len(one["weights"]) > 0
+    for n in one["weights"]:
+        torch.testing.assert_close(torch.tensor(fsdp["weights"][n]), torch.tensor(one["weights"][n]),
+                                   rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL, msg=n)
+
+
+def test_fsdp_shard_needs_a_process_group(tiny_dir):
+    from velotune import FastLanguageModel
+    from velotune.distributed import fsdp_shard
+
+    model, _ = FastLanguageModel.from_pretrained(tiny_dir("llama"), max_seq_length=64, load_in_4bit=False)
+    with pytest.raises(VelotuneError, match="initialised process group"):
+        fsdp_shard(model)
 
 
 def test_fsdp_is_refused_with_the_fix(tiny_dir, tmp_path):

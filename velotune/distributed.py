@@ -176,3 +176,41 @@ def rank_device_map(device_map, device_type: str, w: World, n_gpus: int):
         f"device_map={device_map!r} puts rank {w.rank}'s model on {other}, but its LOCAL_RANK={w.local_rank} "
         f"owns {own}: ranks would share a GPU; drop device_map (\"auto\" picks {own} here) or pass "
         "device_map={'': int(os.environ['LOCAL_RANK'])}")
+
+
+def fsdp_shard(model, mesh=None, reshard_after_forward: bool = True):
+    """Shard a velotune model with FSDP2 (``torch.distributed.fsdp.fully_shard``) for a training loop
+    of your own: each decoder layer is one FSDP unit, the rest (embeddings, final norm, lm_head) the
+    root unit. Returns the model (sharded in place).
+
+    The fast forward runs on the sharded model: each layer's fused kernels run inside the layer's own
+    call, where FSDP has gathered its parameters, 4-bit weights included (bitsandbytes keeps their
+    quant_state on the module; velotune reads it there). CUDA graphs and offloaded checkpointing are off
+    for sharded layers. Call it after ``get_peft_model`` and before building the optimizer, in every
+    process of a ``torchrun`` launch with the process group initialised; ``mesh`` defaults to all
+    ranks on this process's device type. Gradients are averaged over ranks (FSDP's default), so each
+    rank's loss should be its share of the global batch's mean.
+
+    ``SFTTrainer`` does not take FSDP yet (it refuses it with what to do instead); the Trainer's own
+    route, accelerate's FSDP2 plugin, has to pass its GPU test first (issue #8).
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    d = _dist()
+    if d is None:
+        raise VelotuneError("fsdp_shard needs an initialised process group: launch with torchrun and call "
+                            "torch.distributed.init_process_group() first")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = getattr(getattr(base, "model", None), "layers", None)
+    if layers is None or "_velotune_fast" not in base.__dict__:
+        raise VelotuneError("fsdp_shard takes a model loaded with FastLanguageModel.from_pretrained (a decoder "
+                            "with model.layers)")
+    if mesh is None:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        device_type = next(base.parameters()).device.type
+        mesh = init_device_mesh(device_type, (d.get_world_size(),))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    return model

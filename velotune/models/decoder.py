@@ -59,7 +59,9 @@ def _frozen_base(lin):
     w = getattr(lin, "weight", None)
     if w is None or w.requires_grad:
         return None
-    if is_4bit(w):
+    # FSDP2 gathers a 4-bit weight as a plain uint8 tensor without its quant_state; bitsandbytes keeps a
+    # copy of that state on the module, which NF4Weight.from_bnb reads
+    if is_4bit(w) or (type(lin).__name__ == "Linear4bit" and getattr(lin, "quant_state", None) is not None):
         return _nf4(lin)
     if is_8bit(w) or not w.is_floating_point():
         return None
@@ -331,19 +333,46 @@ def _backbone(self, spec, input_ids, attention_mask, position_ids):
     gc = getattr(backbone, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled()
     layers = backbone.layers[: config.num_hidden_layers]
     attn_plans = [_layer_attention(layer, config, spec, plan, t, x.device) for layer in layers]
-    offload = gc and _offload_requested(self) and offload_mod.available(x)
-    if self.training and torch.is_grad_enabled():
+    sharded = any(_is_fsdp(layer) for layer in layers)
+    offload = gc and _offload_requested(self) and offload_mod.available(x) and not sharded
+    if self.training and torch.is_grad_enabled() and not sharded:
         out = _graphed_stack(self, layers, x, plan, attn_plans, position_ids, _policy(self, gc, offload))
         if out is not None:
             return _norm(out, backbone.norm, plan)
+    if sharded:
+        say_once("fsdp-layers", "FSDP2-sharded decoder layers: the fast forward runs each inside the layer's own "
+                 "call (FSDP gathers its parameters); CUDA graphs and offloaded checkpointing are off")
     for layer, attn_plan in zip(layers, attn_plans):
+        step = _sharded_layer if _is_fsdp(layer) else _layer
         if offload and _graph_fusable(layer, plan):
             x = offload_mod.offloaded_layer(lambda m, h, ap=attn_plan: _layer(m, h, plan, ap), layer, x)
         elif gc:
-            x = checkpoint(_layer, layer, x, plan, attn_plan, use_reentrant=False)
+            x = checkpoint(step, layer, x, plan, attn_plan, use_reentrant=False)
         else:
-            x = _layer(layer, x, plan, attn_plan)
+            x = step(layer, x, plan, attn_plan)
     return _norm(x, backbone.norm, plan)
+
+
+# ------------------------------------------------------------------------------------------ FSDP2
+def _is_fsdp(module) -> bool:
+    """Whether ``module`` was sharded by FSDP2 (``torch.distributed.fsdp.fully_shard``)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return False
+    return isinstance(module, FSDPModule)
+
+
+def _sharded_layer(layer, x, plan, attn_plan):
+    """``_layer`` for an FSDP2-sharded decoder layer. Outside its own call the layer's parameters are
+    shards (DTensors); FSDP's hooks on the call gather them before, free them after, and reduce-scatter
+    their gradients in backward. So the fused layer runs as the module's forward for this one call
+    (through ``nn.Module.__call__``: HF's GradientCheckpointingLayer would checkpoint it a second time)."""
+    layer.forward = lambda h: _layer(layer, h, plan, attn_plan)
+    try:
+        return torch.nn.Module.__call__(layer, x)
+    finally:
+        del layer.forward
 
 
 # ---------------------------------------------------------------------------------- CUDA graphs

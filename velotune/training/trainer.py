@@ -131,10 +131,11 @@ def _shifted_labels(inputs):
 def _refuse_fsdp(enabled: bool) -> None:
     if enabled:
         raise VelotuneError(
-            "FSDP is not supported by velotune yet (its fast forward reads whole, unsharded weights; issue #8): "
-            "train with DDP instead, one whole model copy per GPU (torchrun --nproc_per_node N script.py, or "
-            "accelerate launch without an FSDP config; drop fsdp= from the arguments), with load_in_4bit=True "
-            "if the model is large")
+            "FSDP is not supported by velotune's SFTTrainer yet (accelerate's FSDP plugin has not passed its GPU "
+            "test with velotune; issue #8): train with DDP instead, one whole model copy per GPU (torchrun "
+            "--nproc_per_node N script.py, or accelerate launch without an FSDP config; drop fsdp= from the "
+            "arguments), with load_in_4bit=True if the model is large. For sharded weights in a training loop "
+            "of your own, velotune.distributed.fsdp_shard(model) applies FSDP2 (the fast forward runs on it)")
 
 
 def _one_process_one_gpu(args) -> None:
