@@ -127,9 +127,9 @@ import torch
 import torch.distributed as dist
 import velotune.models.decoder as decoder
 from velotune import FastLanguageModel
-from velotune.distributed import fsdp_shard
+from velotune.distributed import fsdp_save_adapter, fsdp_shard
 
-model_dir, out, quant = sys.argv[1], sys.argv[2], sys.argv[3] == "4bit"
+model_dir, out, quant, adapter = sys.argv[1], sys.argv[2], sys.argv[3] == "4bit", sys.argv[4]
 fused = []
 real_qkv = decoder.lora_qkv
 decoder.lora_qkv = lambda *a, **k: fused.append(1) or real_qkv(*a, **k)
@@ -162,6 +162,10 @@ for step in range(3):
     losses.append(total.item() / size)
 weights = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().tolist()
            for n, p in model.named_parameters() if p.requires_grad}
+if ranks:
+    fsdp_save_adapter(model, adapter)
+else:
+    model.save_pretrained(adapter)
 if rank == 0:
     with open(out, "w") as f:
         json.dump({"losses": losses, "weights": weights, "fused": len(fused)}, f)
@@ -374,7 +378,8 @@ def test_fsdp2_sharded_model_trains_like_one_process(tiny_dir, tmp_path, quant):
     model_dir = tiny_dir("llama")
     res = {}
     for name, launcher in (("one", [sys.executable]), ("fsdp", _torchrun(2))):
-        _run(launcher + ["fsdp_script.py", model_dir, str(tmp_path / f"{name}.json"), quant], tmp_path)
+        _run(launcher + ["fsdp_script.py", model_dir, str(tmp_path / f"{name}.json"), quant,
+                         str(tmp_path / f"adapter-{name}")], tmp_path)
         res[name] = json.loads((tmp_path / f"{name}.json").read_text())
     one, fsdp = res["one"], res["fsdp"]
     assert fsdp["fused"] == one["fused"] > 0  # the fused q/k/v path ran on the sharded layers (fwd + recompute)
@@ -384,15 +389,27 @@ def test_fsdp2_sharded_model_trains_like_one_process(tiny_dir, tmp_path, quant):
     for n in one["weights"]:
         torch.testing.assert_close(torch.tensor(fsdp["weights"][n]), torch.tensor(one["weights"][n]),
                                    rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL, msg=n)
+    # fsdp_save_adapter writes the adapter one process writes (same files, same tensors, all gathered)
+    from safetensors.torch import load_file
+
+    a, b = (tmp_path / "adapter-one", tmp_path / "adapter-fsdp")
+    assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
+    ta, tb = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
+    assert ta.keys() == tb.keys() and len(ta) == len(one["weights"])
+    for k in ta:
+        assert ta[k].shape == tb[k].shape, k  # whole tensors, not one rank's shard
+        torch.testing.assert_close(tb[k], ta[k], rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL, msg=k)
 
 
-def test_fsdp_shard_needs_a_process_group(tiny_dir):
+def test_fsdp_shard_needs_a_process_group(tiny_dir, tmp_path):
     from velotune import FastLanguageModel
-    from velotune.distributed import fsdp_shard
+    from velotune.distributed import fsdp_save_adapter, fsdp_shard
 
     model, _ = FastLanguageModel.from_pretrained(tiny_dir("llama"), max_seq_length=64, load_in_4bit=False)
     with pytest.raises(VelotuneError, match="initialised process group"):
         fsdp_shard(model)
+    with pytest.raises(VelotuneError, match=r"model.save_pretrained\(save_directory\)"):
+        fsdp_save_adapter(model, tmp_path / "a")
 
 
 def test_fsdp_is_refused_with_the_fix(tiny_dir, tmp_path):

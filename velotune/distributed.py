@@ -214,3 +214,29 @@ def fsdp_shard(model, mesh=None, reshard_after_forward: bool = True):
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
     return model
+
+
+def fsdp_save_adapter(model, save_directory, **kwargs) -> None:
+    """Save the LoRA adapter of an :func:`fsdp_shard`-ed model: ``model.save_pretrained`` of one process,
+    from the gathered trainable weights. A collective: call it on every rank (each rank's shards are
+    gathered; rank 0 writes, atomically as velotune's saves are, the others wait at a barrier).
+
+    The adapter folder is the same as one process would write, so a merged 16-bit model or GGUF files
+    come from it as usual, in one process: ``FastLanguageModel.from_pretrained(save_directory)`` then
+    ``save_pretrained_merged`` / ``save_pretrained_gguf`` (or ``velotune export``).
+    """
+    d = _dist()
+    if d is None:
+        raise VelotuneError("fsdp_save_adapter is for a sharded model under torchrun; with one process call "
+                            "model.save_pretrained(save_directory)")
+    state = {}
+    for name, p in model.named_parameters():  # the same order on every rank: one gather each
+        if p.requires_grad:
+            full = p.full_tensor() if hasattr(p, "full_tensor") else p
+            state[name] = full.detach().to("cpu", copy=True)
+    if d.get_rank() == 0:
+        from .export.atomic import atomic_directory
+
+        with atomic_directory(save_directory) as tmp:
+            model.save_pretrained(tmp, state_dict=state, **kwargs)
+    d.barrier()
