@@ -1,0 +1,166 @@
+"""Longest single sequence (batch 1) that trains, and tokens/s at each length (issue #4).
+
+8B-shape QLoRA (r16, 7 targets, AdamW8bit, bf16), random tokens, one peer per process: velotune
+(use_gradient_checkpointing="unsloth": layer inputs offloaded to host memory; CUDA graphs stay off above
+65,536 tokens by themselves), Unsloth ("unsloth"), HF + PEFT + bitsandbytes (checkpointing on). Within
+a peer's process the lengths are tried in ascending order, one optimizer step each (timed,
+CUDA-synchronised, after one untimed step at the first length), until the first out-of-memory; the
+row per length says ok / oom, the step's seconds, tokens/s and peak memory. A step at 400K tokens is
+minutes of GPU work at this shape (attention is quadratic), so pick few lengths per call.
+
+    python bench/long_context.py --peers velotune --lengths 262144 409600 --results bench/results/long_context.jsonl
+    python bench/long_context.py --shape tiny --device cpu --peers velotune --lengths 256 512 --results /tmp/l.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def load(peer: str, ckpt: str, max_len: int, cuda: bool):
+    import torch
+
+    dtype = torch.bfloat16 if cuda else torch.float32
+    if peer in ("velotune", "unsloth"):
+        if peer == "unsloth":
+            import unsloth  # noqa: F401  (first: it patches transformers)
+            from unsloth import FastLanguageModel
+        else:
+            from velotune import FastLanguageModel
+        model, _ = FastLanguageModel.from_pretrained(ckpt, max_seq_length=max_len, dtype=dtype, load_in_4bit=cuda)
+        return FastLanguageModel.get_peft_model(model, r=16, target_modules=TARGETS, lora_alpha=16, lora_dropout=0,
+                                                bias="none", use_gradient_checkpointing="unsloth", random_state=3407)
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.bfloat16) if cuda else None
+    model = AutoModelForCausalLM.from_pretrained(ckpt, quantization_config=q, dtype=dtype, attn_implementation="sdpa",
+                                                 device_map={"": 0} if cuda else None)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    return get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
+                                            task_type="CAUSAL_LM"))
+
+
+def one_peer(args) -> list[dict]:
+    import torch
+
+    cuda = args.device == "cuda"
+    lengths = sorted(args.lengths)
+    model = load(args.peer, args.ckpt, max(lengths), cuda)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cuda:
+        import bitsandbytes as bnb
+
+        opt = bnb.optim.AdamW8bit(params, lr=2e-4)
+        if args.peer == "velotune":
+            from velotune.training.optim import without_host_syncs
+
+            opt = without_host_syncs(opt)
+    else:
+        opt = torch.optim.AdamW(params, lr=2e-4)
+    dev = "cuda" if cuda else "cpu"
+    vocab = model.config.vocab_size
+
+    def step(t: int) -> float:
+        ids = torch.randint(0, vocab, (1, t), device=dev)
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=cuda):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    rows = []
+    step(lengths[0])  # warm-up: kernels compiled, optimizer state allocated
+    for t in lengths:
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            dt = step(t)
+        except torch.OutOfMemoryError as e:
+            rows.append({"peer": args.peer, "length": t, "ok": False, "error": f"OutOfMemoryError: {str(e)[:300]}"})
+            break
+        rows.append({"peer": args.peer, "length": t, "ok": True, "step_s": round(dt, 2),
+                     "tokens_per_s": round(t / dt, 1),
+                     "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+                     "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None})
+        print(f"[long] {args.peer} {t}: {rows[-1]}", flush=True)
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--peer", choices=["velotune", "unsloth", "hf"])
+    p.add_argument("--ckpt")
+    p.add_argument("--json")
+    p.add_argument("--shape", default="8b", choices=["1b", "8b", "tiny"])
+    p.add_argument("--peers", nargs="+", default=["velotune", "unsloth", "hf"])
+    p.add_argument("--lengths", nargs="+", type=int, default=[131072, 262144, 409600])
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--results")
+    p.add_argument("--timeout", type=int, default=580)
+    p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "velotune-bench"))
+    args = p.parse_args()
+    if args.peer:  # child process: one peer
+        try:
+            rows = one_peer(args)
+        except Exception as e:  # a failing peer is a result too
+            import traceback
+
+            traceback.print_exc()
+            rows = [{"peer": args.peer, "error": f"{type(e).__name__}: {e}"[:2000]}]
+        Path(args.json).write_text(json.dumps(rows))
+        return 0
+    sys.path.insert(0, str(HERE))
+    from packing import tiny_checkpoint
+    from run_train_step import make_checkpoint, versions
+
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt = tiny_checkpoint(work / "llama-tiny") if args.shape == "tiny" else make_checkpoint(args.shape, work / f"llama-{args.shape}")
+    card = "cpu"
+    if args.device == "cuda":
+        import torch
+
+        card = torch.cuda.get_device_name(0)
+    run_id = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    vers = versions()
+    for peer in args.peers:
+        out = work / f"long-{args.shape}-{peer}.json"
+        out.unlink(missing_ok=True)
+        cmd = [sys.executable, __file__, "--peer", peer, "--ckpt", str(ckpt), "--json", str(out), "--device",
+               args.device, "--lengths", *map(str, args.lengths)]
+        try:
+            subprocess.run(cmd, timeout=args.timeout, check=False)
+            rows = json.loads(out.read_text())
+        except (subprocess.TimeoutExpired, OSError, ValueError) as e:
+            rows = [{"peer": peer, "error": f"{type(e).__name__}: {e}"}]
+        with open(args.results, "a") as f:
+            for r in rows:
+                r.update(run_id=run_id, bench="long_context", shape=f"llama-{args.shape}", card=card, batch=1,
+                         lora="r16 a16, 7 targets", versions=vers)
+                f.write(json.dumps(r) + "\n")
+        print(f"[long] {peer}: longest ok {max([r['length'] for r in rows if r.get('ok')], default=None)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
