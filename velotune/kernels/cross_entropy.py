@@ -251,7 +251,8 @@ def _fused_forward(hidden, weight, labels, ignore_index, softcap, num_items, chu
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """apply(hidden [N, H], weight [V, H], labels [N], ignore_index, softcap, num_items_in_batch,
-    chunk_rows, valid) -> 0-dim fp32 loss (valid: ``valid_rows(labels, ...)`` computed earlier, or None). Gradients are computed in forward; backward scales them in place,
+    chunk_rows, valid) -> 0-dim fp32 loss (valid: ``valid_rows(labels, ...)`` computed earlier, or None).
+    Gradients are computed in forward; backward scales them in place,
     so it runs once per forward (no retain_graph re-run)."""
 
     @staticmethod
