@@ -13,11 +13,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _child import run_child, write_result
 
 HERE = Path(__file__).resolve().parent
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -88,11 +89,7 @@ def main() -> int:
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "velotune-bench"))
     args = p.parse_args()
     if args.peer:  # child process: one peer
-        try:
-            res = one_peer(args)
-        except Exception as e:  # a failing peer is a result too
-            res = {"rows": [{"peer": args.peer, "error": f"{type(e).__name__}: {e}"[:2000]}]}
-        Path(args.json).write_text(json.dumps(res))
+        write_result(args.json, lambda: one_peer(args), lambda msg: {"rows": [{"peer": args.peer, "error": msg}]})
         return 0
     import torch
 
@@ -107,8 +104,7 @@ def main() -> int:
             out = Path(args.workdir) / f"decode-{shape}-{peer}.json"
             cmd = [sys.executable, __file__, "--peer", peer, "--ckpt", str(ckpt), "--json", str(out),
                    "--prompt", str(args.prompt), "--new", str(args.new), "--batch", *map(str, args.batch)]
-            subprocess.run(cmd, timeout=900, check=False)
-            rows = json.loads(out.read_text())["rows"] if out.is_file() else [{"peer": peer, "error": "no output"}]
+            rows = run_child(cmd, out, 900, lambda msg: {"rows": [{"peer": peer, "error": msg}]})["rows"]
             with open(args.results, "a") as f:
                 for r in rows:
                     r.update(run_id=run_id, bench="decode_4bit", shape=f"llama-{shape}", card=card, dtype="bf16",

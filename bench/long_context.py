@@ -16,11 +16,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _child import run_child, write_result
 
 HERE = Path(__file__).resolve().parent
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -120,14 +121,7 @@ def main() -> int:
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "velotune-bench"))
     args = p.parse_args()
     if args.peer:  # child process: one peer
-        try:
-            rows = one_peer(args)
-        except Exception as e:  # a failing peer is a result too
-            import traceback
-
-            traceback.print_exc()
-            rows = [{"peer": args.peer, "error": f"{type(e).__name__}: {e}"[:2000]}]
-        Path(args.json).write_text(json.dumps(rows))
+        write_result(args.json, lambda: one_peer(args), lambda msg: [{"peer": args.peer, "error": msg}])
         return 0
     sys.path.insert(0, str(HERE))
     from packing import tiny_checkpoint
@@ -145,14 +139,9 @@ def main() -> int:
     vers = versions()
     for peer in args.peers:
         out = work / f"long-{args.shape}-{peer}.json"
-        out.unlink(missing_ok=True)
         cmd = [sys.executable, __file__, "--peer", peer, "--ckpt", str(ckpt), "--json", str(out), "--device",
                args.device, "--lengths", *map(str, args.lengths)]
-        try:
-            subprocess.run(cmd, timeout=args.timeout, check=False)
-            rows = json.loads(out.read_text())
-        except (subprocess.TimeoutExpired, OSError, ValueError) as e:
-            rows = [{"peer": peer, "error": f"{type(e).__name__}: {e}"}]
+        rows = run_child(cmd, out, args.timeout, lambda msg: [{"peer": peer, "error": msg}])
         with open(args.results, "a") as f:
             for r in rows:
                 r.update(run_id=run_id, bench="long_context", shape=f"llama-{args.shape}", card=card, batch=1,

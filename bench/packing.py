@@ -20,11 +20,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _child import run_child, write_result
 
 HERE = Path(__file__).resolve().parent
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -155,14 +156,7 @@ def main() -> int:
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "velotune-bench"))
     args = p.parse_args()
     if args.mode:  # child process: one mode
-        try:
-            row = one_mode(args)
-        except Exception as e:  # a failing mode is a result too
-            import traceback
-
-            traceback.print_exc()
-            row = {"mode": args.mode, "error": f"{type(e).__name__}: {e}"[:2000]}
-        Path(args.json).write_text(json.dumps(row))
+        write_result(args.json, lambda: one_mode(args), lambda msg: {"mode": args.mode, "error": msg})
         return 0
     sys.path.insert(0, str(HERE))
     from run_train_step import make_checkpoint, versions
@@ -181,16 +175,11 @@ def main() -> int:
     vers = versions()
     for mode in args.modes:
         out = work / f"packing-{args.shape}-{mode}.json"
-        out.unlink(missing_ok=True)
         cmd = [sys.executable, __file__, "--mode", mode, "--ckpt", str(ckpt), "--json", str(out), "--examples",
                str(args.examples), "--min-len", str(args.min_len), "--max-len", str(args.max_len), "--warmup",
                str(args.warmup), "--seed", str(args.seed), "--device", args.device, "--workdir", str(work)]
         t = time.perf_counter()
-        try:
-            subprocess.run(cmd, timeout=args.timeout, check=False)
-            row = json.loads(out.read_text())
-        except (subprocess.TimeoutExpired, OSError, ValueError) as e:
-            row = {"mode": mode, "error": f"{type(e).__name__}: {e}"}
+        row = run_child(cmd, out, args.timeout, lambda msg: {"mode": mode, "error": msg})
         row.update(run_id=run_id, bench="packing", shape=f"llama-{args.shape}", card=card, examples=args.examples,
                    lengths=f"{args.min_len}-{args.max_len}", batch=2, gc="unsloth", wall_s=round(time.perf_counter() - t, 1),
                    versions=vers)

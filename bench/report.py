@@ -103,61 +103,70 @@ def long_context_section(rows: list[dict]) -> list[str]:
     if not rs:
         return head + ["bench/long_context.py (batch 1, 8B-shape QLoRA, longest length that trains) has not run on a "
                        "GPU yet.", ""]
-    out = head + ["bench/long_context.py: batch 1, one optimizer step per length, ascending until the first "
-                  "out-of-memory; peers in their own processes on one card.", ""]
-    for (shape, run), group in _group(rs, lambda r: (r["shape"], r["run_id"])).items():
-        out += [f"### {shape} — {group[0]['card']}, run {run}", "",
-                "| peer | length | ok | step s | tokens/s | peak reserved GiB |", "| --- | ---: | --- | ---: | ---: | ---: |"]
-        for r in group:
-            out.append(f"| {r['peer']} | {_fmt(r.get('length'))} | {'yes' if r.get('ok') else r.get('error', 'no')[:80]} "
-                       f"| {_fmt(r.get('step_s'), 2)} | {_fmt(r.get('tokens_per_s'), 0)} | {_fmt(r.get('peak_reserved_gib'), 2)} |")
-        out.append("")
-    return out
+
+    def row(r):
+        ok = "yes" if r.get("ok") else r.get("error", "no")[:80]
+        return (f"| {r['peer']} | {_fmt(r.get('length'))} | {ok} | {_fmt(r.get('step_s'), 2)} | "
+                f"{_fmt(r.get('tokens_per_s'), 0)} | {_fmt(r.get('peak_reserved_gib'), 2)} |")
+
+    return head + ["bench/long_context.py: batch 1, one optimizer step per length, ascending until the first "
+                   "out-of-memory; peers in their own processes on one card.", ""] + _per_run_tables(
+        rs, ["| peer | length | ok | step s | tokens/s | peak reserved GiB |", "| --- | ---: | --- | ---: | ---: | ---: |"],
+        row)
 
 
 def decode_section(rows: list[dict]) -> list[str]:
     rs = [r for r in rows if r.get("bench") == "decode_4bit"]
     if not rs:
         return []
-    out = ["## 4-bit decoding (issue #7)", "",
-           "bench/decode.py: random-init Llama checkpoint of the named shape, NF4 + double quant, bf16, a LoRA "
-           "adapter (r16, 7 targets), greedy decoding after a 128-token prompt; tokens/s = batch × new tokens / "
-           "wall time of one `generate` (after a warm-up one). Peers in one command on one card.", ""]
-    for (shape, run), group in _group(rs, lambda r: (r["shape"], r["run_id"])).items():
-        out += [f"### {shape} — {group[0]['card']}, run {run}", "",
-                "| peer | batch | new tokens | tokens/s | peak alloc GiB |", "| --- | ---: | ---: | ---: | ---: |"]
-        for r in group:
-            if "error" in r:
-                out.append(f"| {r['peer']} | | | failed: {r['error'][:120]} | |")
-                continue
-            out.append(f"| {r['peer']} | {r['batch']} | {r['new_tokens']} | {_fmt(r['tokens_per_s'])} | "
-                       f"{_fmt(r.get('peak_alloc_gib'), 2)} |")
-        peers = {r["peer"] for r in group}
-        if "unsloth" not in peers:
-            out.append("")
-            out.append("Unsloth's row is missing: its process did not finish within the call's time.")
-        out.append("")
-    return out
+
+    def row(r):
+        if "error" in r:
+            return f"| {r['peer']} | | | failed: {r['error'][:120]} | |"
+        return (f"| {r['peer']} | {r['batch']} | {r['new_tokens']} | {_fmt(r['tokens_per_s'])} | "
+                f"{_fmt(r.get('peak_alloc_gib'), 2)} |")
+
+    def missing_unsloth(group):
+        if "unsloth" in {r["peer"] for r in group}:
+            return []
+        return ["", "Unsloth's row is missing: its process did not finish within the call's time."]
+
+    return ["## 4-bit decoding (issue #7)", "",
+            "bench/decode.py: random-init Llama checkpoint of the named shape, NF4 + double quant, bf16, a LoRA "
+            "adapter (r16, 7 targets), greedy decoding after a 128-token prompt; tokens/s = batch × new tokens / "
+            "wall time of one `generate` (after a warm-up one). Peers in one command on one card.", ""] + _per_run_tables(
+        rs, ["| peer | batch | new tokens | tokens/s | peak alloc GiB |", "| --- | ---: | ---: | ---: | ---: |"], row,
+        after=missing_unsloth)
 
 
 def packing_section(rows: list[dict]) -> list[str]:
     rs = [r for r in rows if r.get("bench") == "packing" and r.get("card") not in (None, "cpu")]
     if not rs:
         return ["## Packing (issue #4)", "", "bench/packing.py (packed vs padded real tokens/s) has not run on a GPU yet.", ""]
-    out = ["## Packing (issue #4)", "",
-           "bench/packing.py: velotune's SFTTrainer, the seed's settings, example lengths uniform in the stated range; "
-           "real (non-pad) tokens/s after the warm-up steps, `packed` = `packing=True` (padding-free rows), "
-           "`padded` = rows padded per batch.", ""]
+
+    def row(r):
+        if "error" in r:
+            return f"| {r['mode']} | failed: {r['error'][:120]} | | | | |"
+        return (f"| {r['mode']} | {_fmt(r['tokens_per_s'], 0)} | {_fmt(r['tokens_per_s_with_warmup'], 0)} | "
+                f"{r['steps']} | {r['real_tokens']} | {_fmt(r.get('peak_reserved_gib'), 2)} |")
+
+    return ["## Packing (issue #4)", "",
+            "bench/packing.py: velotune's SFTTrainer, the seed's settings, example lengths uniform in the stated range; "
+            "real (non-pad) tokens/s after the warm-up steps, `packed` = `packing=True` (padding-free rows), "
+            "`padded` = rows padded per batch.", ""] + _per_run_tables(
+        rs, ["| mode | real tokens/s | with warm-up | steps | real tokens | peak reserved GiB |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"], row,
+        heading_extra=lambda group: f", lengths {group[0].get('lengths')}")
+
+
+def _per_run_tables(rs, header: list[str], row, heading_extra=lambda group: "", after=lambda group: []) -> list[str]:
+    """One table per (shape, run) of ``rs``: a heading naming card and run (plus ``heading_extra``), the
+    ``header`` lines, ``row(r)`` per row, then ``after(group)``."""
+    out = []
     for (shape, run), group in _group(rs, lambda r: (r["shape"], r["run_id"])).items():
-        out += [f"### {shape} — {group[0]['card']}, run {run}, lengths {group[0].get('lengths')}", "",
-                "| mode | real tokens/s | with warm-up | steps | real tokens | peak reserved GiB |",
-                "| --- | ---: | ---: | ---: | ---: | ---: |"]
-        for r in group:
-            if "error" in r:
-                out.append(f"| {r['mode']} | failed: {r['error'][:120]} | | | | |")
-                continue
-            out.append(f"| {r['mode']} | {_fmt(r['tokens_per_s'], 0)} | {_fmt(r['tokens_per_s_with_warmup'], 0)} | "
-                       f"{r['steps']} | {r['real_tokens']} | {_fmt(r.get('peak_reserved_gib'), 2)} |")
+        out += [f"### {shape} — {group[0]['card']}, run {run}{heading_extra(group)}", "", *header]
+        out += [row(r) for r in group]
+        out += after(group)
         out.append("")
     return out
 

@@ -20,6 +20,8 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from _child import run_child
+
 HERE = Path(__file__).resolve().parent
 # Llama-3.2-1B and Llama-3.1-8B shapes (config.json of the public releases).
 SHAPES = {
@@ -108,11 +110,7 @@ def main() -> int:
             if args.profile_dir and peer.startswith("velotune"):
                 cmd.append("--profile")
             t = time.perf_counter()
-            try:
-                subprocess.run(cmd, timeout=args.timeout, check=False)
-                row = json.loads(out.read_text())
-            except (subprocess.TimeoutExpired, OSError, ValueError) as e:
-                row = {"peer": peer, "error": f"{type(e).__name__}: {e}"}
+            row = run_child(cmd, out, args.timeout, lambda msg: {"peer": peer, "error": msg})
             prof = row.pop("profile", None)
             if prof and args.profile_dir:
                 Path(args.profile_dir).mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,8 @@ import statistics
 import sys
 import time
 
+from _child import write_result
+
 PEERS = ["velotune", "velotune_eager", "velotune_auto", "velotune_recompute", "hf", "unsloth", "liger"]
 # use_gradient_checkpointing per peer: the seed's (and Unsloth's) "unsloth" = offloaded checkpointing
 GC = {"velotune": "unsloth", "velotune_eager": "unsloth", "velotune_auto": "auto", "velotune_recompute": True,
@@ -149,15 +151,7 @@ def main() -> int:
     p.add_argument("--json", required=True)
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        row = run(args)
-    except Exception as e:  # a peer that fails is a result too; the driver records it
-        row = {"peer": args.peer, "error": f"{type(e).__name__}: {e}"[:2000]}
-        import traceback
-
-        traceback.print_exc()
-    with open(args.json, "w") as f:
-        json.dump(row, f)
+    row = write_result(args.json, lambda: run(args), lambda msg: {"peer": args.peer, "error": msg})
     print(json.dumps({k: v for k, v in row.items() if k != "profile"}))
     return 0
 

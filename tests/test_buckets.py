@@ -17,6 +17,22 @@ def _collate(features):
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def _loss_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+def _same_loss_and_grads(model, plain, bucketed):
+    """The bucketed batch trains exactly like the plain one: same loss, same LoRA gradients."""
+    l0, g0 = _loss_and_grads(model, plain)
+    l1, g1 = _loss_and_grads(model, bucketed)
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_lengths_fall_in_at_most_eight_buckets():
     assert bucket_step(2048) == 256 and bucket_step(300) == 64 and bucket_step(100_000) == 12544
     pad = BucketPadding(_collate, pad_token_id=3, max_length=2048)
@@ -38,17 +54,7 @@ def test_padded_batch_keeps_loss_and_grads(tiny_dir):
     assert (bucketed["labels"][:, 37:] == -100).all() and (bucketed["attention_mask"][:, 37:] == 0).all()
     assert (bucketed["input_ids"][:, 37:] == 3).all()
 
-    def loss_and_grads(batch):
-        model.zero_grad(set_to_none=True)
-        loss = model(**batch).loss
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
-
-    l0, g0 = loss_and_grads(plain)
-    l1, g1 = loss_and_grads(bucketed)
-    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
-    for a, b in zip(g1, g0):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    _same_loss_and_grads(model, plain, bucketed)
 
 
 def _packed(features):
@@ -72,17 +78,7 @@ def test_packed_row_padding_is_an_example_of_its_own(tiny_dir):
     assert torch.equal(bucketed["position_ids"][0, 70:], torch.arange(58))  # one more example, not 58
     assert (bucketed["labels"][0, 70:] == -100).all() and (bucketed["input_ids"][0, 70:] == 3).all()
 
-    def loss_and_grads(batch):
-        model.zero_grad(set_to_none=True)
-        loss = model(**batch).loss
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
-
-    l0, g0 = loss_and_grads(plain)
-    l1, g1 = loss_and_grads(bucketed)
-    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
-    for a, b in zip(g1, g0):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    _same_loss_and_grads(model, plain, bucketed)
 
 
 def test_packed_rows_and_unknown_fields_pass_through():

@@ -333,7 +333,8 @@ def _backbone(self, spec, input_ids, attention_mask, position_ids):
     gc = getattr(backbone, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled()
     layers = backbone.layers[: config.num_hidden_layers]
     attn_plans = [_layer_attention(layer, config, spec, plan, t, x.device) for layer in layers]
-    sharded = any(_is_fsdp(layer) for layer in layers)
+    fsdp = [_is_fsdp(layer) for layer in layers]
+    sharded = any(fsdp)
     offload = gc and _offload_requested(self) and offload_mod.available(x) and not sharded
     if self.training and torch.is_grad_enabled() and not sharded:
         out = _graphed_stack(self, layers, x, plan, attn_plans, position_ids, _policy(self, gc, offload))
@@ -342,8 +343,8 @@ def _backbone(self, spec, input_ids, attention_mask, position_ids):
     if sharded:
         say_once("fsdp-layers", "FSDP2-sharded decoder layers: the fast forward runs each inside the layer's own "
                  "call (FSDP gathers its parameters); CUDA graphs and offloaded checkpointing are off")
-    for layer, attn_plan in zip(layers, attn_plans):
-        step = _sharded_layer if _is_fsdp(layer) else _layer
+    for layer, attn_plan, in_fsdp in zip(layers, attn_plans, fsdp):
+        step = _sharded_layer if in_fsdp else _layer
         if offload and _graph_fusable(layer, plan):
             x = offload_mod.offloaded_layer(lambda m, h, ap=attn_plan: _layer(m, h, plan, ap), layer, x)
         elif gc:
