@@ -2,7 +2,7 @@
 # One device call that validates and measures everything GPU-side (run from the repo root on the GPU
 # machine; results land in $OUT). Ordered by importance, each step time-boxed, so a cut-short call
 # still returns the first answers.
-#   OUT=/tmp/out bash bench/gpu_session.sh [tests|train1b|train8b|packing|decode|all|long]
+#   OUT=/tmp/out bash bench/gpu_session.sh [tests|train1b|train8b|packing|decode|all|long|probe]
 set -u
 OUT=${OUT:-/tmp/velotune-gpu}
 mkdir -p "$OUT"
@@ -28,6 +28,11 @@ fi
 if [[ $what == long ]]; then  # not in "all": a 400K-token step is minutes; one call per length set
   timeout 590 python bench/long_context.py --peers ${PEERS:-velotune} --lengths ${LENGTHS:-131072 262144} \
     --results "$OUT/long_context.jsonl" --workdir /tmp/vb 2>&1 | grep "\[long\]" | tee "$OUT/long.txt"
+fi
+if [[ $what == probe ]]; then  # long context, 2 of the 8B layers: working memory and time per layer
+  timeout 300 python bench/long_context.py --layers 2 --peers ${PEERS:-velotune unsloth} \
+    --lengths ${LENGTHS:-131072 262144 409600 524288} --timeout 150 --results "$OUT/long_context.jsonl" --workdir /tmp/vb 2>&1 \
+    | grep "\[long\]" | tee "$OUT/probe.txt"
 fi
 if [[ $what == decode || $what == all ]]; then
   timeout 420 python bench/decode.py --shapes 8b --peers velotune hf unsloth --results "$OUT/decode.jsonl" \

@@ -8,6 +8,12 @@ CUDA-synchronised, after one untimed step at the first length), until the first 
 row per length says ok / oom, the step's seconds, tokens/s and peak memory. A step at 400K tokens is
 minutes of GPU work at this shape (attention is quadratic), so pick few lengths per call.
 
+Every peer runs with ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` (``--alloc-conf``; Unsloth
+sets it on import anyway), so fragmentation does not decide the longest length. ``--cap-gib`` (default 79) limits the process to an 80 GB card's usable memory on a bigger card (H200), so
+the longest length is the one an H100 80 GB trains. ``--layers N`` is a probe, not the claim: the 8B widths
+with N layers (rows carry ``layers``; the report leaves them out) to see one layer's working memory and time
+at a length in seconds before spending minutes on the full model.
+
     python bench/long_context.py --peers velotune --lengths 262144 409600 --results bench/results/long_context.jsonl
     python bench/long_context.py --shape tiny --device cpu --peers velotune --lengths 256 512 --results /tmp/l.jsonl
 """
@@ -16,6 +22,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
+import resource
 import sys
 import tempfile
 import time
@@ -58,6 +66,14 @@ def one_peer(args) -> list[dict]:
 
     cuda = args.device == "cuda"
     lengths = sorted(args.lengths)
+    pool = None
+    if cuda and args.peer == "velotune":
+        from velotune.models.offload import pinned_pool
+
+        pool = pinned_pool(torch.device("cuda", 0))
+    if cuda and args.cap_gib:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * 2**30 / total))
     model = load(args.peer, args.ckpt, max(lengths), cuda)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -88,21 +104,27 @@ def one_peer(args) -> list[dict]:
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
+    print(f"[long] {args.peer} loaded at {time.strftime('%X')}", flush=True)
     rows = []
-    step(lengths[0])  # warm-up: kernels compiled, optimizer state allocated
+    step(min(lengths[0], 4096))  # warm-up: kernels compiled, optimizer state allocated
     for t in lengths:
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+        pinning = pool.register_s if pool is not None else 0.0
         try:
             dt = step(t)
         except torch.OutOfMemoryError as e:
             rows.append({"peer": args.peer, "length": t, "ok": False, "error": f"OutOfMemoryError: {str(e)[:300]}"})
             break
-        rows.append({"peer": args.peer, "length": t, "ok": True, "step_s": round(dt, 2),
+        rows.append({"peer": args.peer, "length": t, "ok": True, "cap_gib": args.cap_gib if cuda else None, "step_s": round(dt, 2),
                      "tokens_per_s": round(t / dt, 1),
                      "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
-                     "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None})
+                     "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
+                     "host_peak_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 1),
+                     # velotune: seconds of the step spent page-locking new host buffers (once per length)
+                     "pinning_s": round(pool.register_s - pinning, 2) if pool is not None else None,
+                     "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")})
         print(f"[long] {args.peer} {t}: {rows[-1]}", flush=True)
     return rows
 
@@ -118,8 +140,13 @@ def main() -> int:
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--results")
     p.add_argument("--timeout", type=int, default=580)
+    p.add_argument("--cap-gib", type=float, default=79.0, help="GPU memory limit (0: the whole card)")
+    p.add_argument("--alloc-conf", default="expandable_segments:True", help="PYTORCH_CUDA_ALLOC_CONF of every peer")
+    p.add_argument("--layers", type=int, default=None, help="probe: the 8B widths with this many layers")
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "velotune-bench"))
     args = p.parse_args()
+    if args.alloc_conf:  # before torch is imported (the children import it)
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = args.alloc_conf
     if args.peer:  # child process: one peer
         write_result(args.json, lambda: one_peer(args), lambda msg: [{"peer": args.peer, "error": msg}])
         return 0
@@ -129,7 +156,13 @@ def main() -> int:
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    ckpt = tiny_checkpoint(work / "llama-tiny") if args.shape == "tiny" else make_checkpoint(args.shape, work / f"llama-{args.shape}")
+    if args.shape == "tiny":
+        ckpt = tiny_checkpoint(work / "llama-tiny")
+    else:  # the declared context covers the longest length (Llama-3's RoPE tables are computed per position)
+        layers = {"num_hidden_layers": args.layers} if args.layers else {}
+        ckpt = make_checkpoint(args.shape, work / f"llama-{args.shape}-long{args.layers or ''}",
+                               max_position_embeddings=max(1 << 20, *args.lengths), **layers)
+    print(f"[long] checkpoint ready at {time.strftime('%X')}", flush=True)
     card = "cpu"
     if args.device == "cuda":
         import torch
@@ -140,10 +173,12 @@ def main() -> int:
     for peer in args.peers:
         out = work / f"long-{args.shape}-{peer}.json"
         cmd = [sys.executable, __file__, "--peer", peer, "--ckpt", str(ckpt), "--json", str(out), "--device",
-               args.device, "--lengths", *map(str, args.lengths)]
+               args.device, "--cap-gib", str(args.cap_gib), "--lengths", *map(str, args.lengths)]
         rows = run_child(cmd, out, args.timeout, lambda msg: [{"peer": peer, "error": msg}])
         with open(args.results, "a") as f:
             for r in rows:
+                if args.layers:
+                    r["layers"] = args.layers
                 r.update(run_id=run_id, bench="long_context", shape=f"llama-{args.shape}", card=card, batch=1,
                          lora="r16 a16, 7 targets", versions=vers)
                 f.write(json.dumps(r) + "\n")

@@ -105,14 +105,19 @@ def long_context_section(rows: list[dict]) -> list[str]:
                        "GPU yet.", ""]
 
     def row(r):
-        ok = "yes" if r.get("ok") else r.get("error", "no")[:80]
-        return (f"| {r['peer']} | {_fmt(r.get('length'))} | {ok} | {_fmt(r.get('step_s'), 2)} | "
-                f"{_fmt(r.get('tokens_per_s'), 0)} | {_fmt(r.get('peak_reserved_gib'), 2)} |")
+        ok = "yes" if r.get("ok") else (r.get("note") or r.get("error") or "no")[:200]
+        return (f"| {r['peer']} | {r.get('layers') or 32} | {_fmt(r.get('length'))} | {ok} | {_fmt(r.get('step_s'), 2)} | "
+                f"{_fmt(r.get('tokens_per_s'), 0)} | {_fmt(r.get('peak_alloc_gib'), 2)} | "
+                f"{_fmt(r.get('peak_reserved_gib'), 2)} | {_fmt(r.get('host_peak_gib'), 1)} | {_fmt(r.get('pinning_s'), 2)} |")
 
     return head + ["bench/long_context.py: batch 1, one optimizer step per length, ascending until the first "
-                   "out-of-memory; peers in their own processes on one card.", ""] + _per_run_tables(
-        rs, ["| peer | length | ok | step s | tokens/s | peak reserved GiB |", "| --- | ---: | --- | ---: | ---: | ---: |"],
-        row)
+                   "out-of-memory; peers in their own processes on one card, GPU memory capped at 79 GiB (an 80 GB "
+                   "card) on bigger cards. Layers < 32: a probe with the 8B widths and fewer layers (the working "
+                   "memory of one layer at that length; the full model adds ~0.12 GiB per further layer of 4-bit "
+                   "weights, LoRA and optimizer state). bench/NOTES.md says why the full-model 409,600-token step "
+                   "has no row yet.", ""] + _per_run_tables(
+        rs, ["| peer | layers | length | ok | step s | tokens/s | peak alloc GiB | peak reserved GiB | host peak GiB "
+             "| pinning s |", "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"], row)
 
 
 def decode_section(rows: list[dict]) -> list[str]:

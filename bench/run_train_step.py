@@ -49,13 +49,14 @@ def make_tokenizer(vocab_size: int):
                                    pad_token=special[128004], unk_token="t0")
 
 
-def make_checkpoint(shape: str, folder: Path) -> Path:
+def make_checkpoint(shape: str, folder: Path, **overrides) -> Path:
+    """A random-init Llama checkpoint of ``shape`` (SHAPES) in ``folder``; ``overrides`` change config fields."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     if (folder / "config.json").is_file():
         return folder
-    cfg = LlamaConfig(**SHAPES[shape], **LLAMA3)
+    cfg = LlamaConfig(**{**SHAPES[shape], **LLAMA3, **overrides})
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
@@ -74,8 +75,11 @@ def versions() -> dict:
         except PackageNotFoundError:
             out[name] = None
     try:
-        out["velotune_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
-                                                text=True, check=False).stdout.strip() or None
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
+                                text=True, check=False).stdout.strip() or None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "velotune"], cwd=HERE,
+                               capture_output=True, text=True, check=False).stdout.strip()
+        out["velotune_commit"] = f"{commit}+dirty" if commit and dirty else commit  # +dirty: uncommitted changes
     except OSError:
         out["velotune_commit"] = None
     return out

@@ -160,6 +160,28 @@ def test_cuda_graphs_train_like_eager(family, gc, graphed, tmp_path, monkeypatch
     _assert_runs_agree(runs)
 
 
+def test_long_context_paths_train_like_eager(tmp_path, monkeypatch):
+    """The long-context memory paths on the GPU: the MLP in row chunks (models/chunked.py) under offloaded
+    checkpointing with the exact-size pinned host buffers (offload.PinnedPool, cudaHostRegister), without
+    graphs, against recompute checkpointing with the whole MLP: 4 QLoRA steps agree as above, and the
+    pool reuses its buffers from step to step (one per offloaded layer, not one per layer per step)."""
+    from velotune import set_cuda_graphs
+    from velotune.models import chunked, offload
+
+    path = _make("llama", tmp_path)
+    runs = {}
+    for mode in (False, True):
+        monkeypatch.setattr(chunked, "MLP_CHUNK_ROWS", 384 if mode else 0)  # 1024 rows -> chunks of 300
+        monkeypatch.setattr(chunked, "CHUNK_ROWS", 300)
+        model = _lora(path, load_in_4bit=True, gc="unsloth" if mode else True)
+        set_cuda_graphs(model, False)
+        runs[mode] = _four_steps(model, lambda step, ids: dict(input_ids=ids, labels=ids))
+        del model
+    _assert_runs_agree(runs)
+    pool = offload.pinned_pool(torch.device("cuda"))
+    assert len(pool.free) == 3 and pool.held_bytes == 3 * 2 * 512 * 512 * 2  # 3 layers' [2, 512, 512] bf16
+
+
 def _four_steps(model, batch):
     """Losses and final trainable weights of 4 AdamW steps under bf16 autocast; ``batch(step, ids)`` turns
     the step's random [2, 512] ids (the same for every run) into the model's keywords."""

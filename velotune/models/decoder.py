@@ -8,7 +8,8 @@ Per layer (FamilySpec flags for the family differences):
     q, k = rope(q, k) in place            kernels/rope.py, positions from position_ids
     a = SDPA(q, k, v, causal)             torch (flash / efficient backends on GPU)
     x = x + fused LoRA o(a)
-    x = x + fused LoRA mlp(rms_norm(x))   gate/up -> act -> down in one autograd node
+    x = x + fused LoRA mlp(rms_norm(x))   gate/up -> act -> down in one autograd node (row chunks at
+                                          long context: models/chunked.py)
     loss = linear cross-entropy(norm(x), lm_head, labels)   kernels/cross_entropy.py, no [T, V] logits
 
 Installed per model instance by :func:`install` (the CausalLM's ``forward`` attribute; no source
@@ -34,6 +35,7 @@ from ..kernels.lora import lora_linear, lora_mlp, lora_qkv
 from ..kernels.rms_norm import rms_norm
 from ..kernels.rope import rope, rope_cos_sin
 from . import attention as A
+from . import chunked
 from . import offload as offload_mod
 from .registry import FamilySpec, activation_of, family_of
 
@@ -161,7 +163,11 @@ def _mlp(layer, h, plan):
     mlp = layer.mlp
     projs = [projection(getattr(mlp, n, None)) if hasattr(mlp, n) else None for n in ("gate_proj", "up_proj", "down_proj")]
     if plan.activation is not None and all(p is not None and p[4] is None for p in projs):
-        return lora_mlp(h, *[p[:4] for p in projs], activation=plan.activation)
+        fused = [p[:4] for p in projs]
+        if chunked.wants_chunks(h):  # long context: the MLP's [tokens, intermediate] buffers a chunk at a time
+            params = [t for p in fused for t in (p[1], p[2]) if t is not None and t.requires_grad]
+            return chunked.row_chunked(lambda rows: lora_mlp(rows, *fused, activation=plan.activation), h, params)
+        return lora_mlp(h, *fused, activation=plan.activation)
     return mlp(h)
 
 

@@ -7,11 +7,19 @@ gradients of ``x`` and of the layer's trainable parameters. GPU memory for check
 activation per layer to the few in flight. Used for layers with nothing random in them (no dropout:
 the recompute must reproduce the forward exactly without replaying RNG state; decoder.py checks);
 other layers keep torch's recompute checkpointing. On CPU: plain recompute.
+
+Host copies live in exact-size page-locked buffers (:class:`PinnedPool`), reused from step to step:
+torch's ``pin_memory=True`` rounds every allocation up to a power of two, which at long context (a
+409,600-token layer input is 3.1 GiB, rounded to 4 GiB, times 31 layers) asks for more host memory
+than the machine has.
 """
 from __future__ import annotations
 
+import time
+
 import torch
 
+from .._notices import say_once
 from .graphs import autocast_state
 
 # On since tests/test_fast_forward_gpu.py::test_cuda_graphs_train_like_eager[llama-offload-*] passed on
@@ -22,6 +30,99 @@ ENABLED_ON_CUDA = True
 ON_CPU = False
 
 _side_streams: dict = {}
+
+
+def _cuda_register(t: torch.Tensor) -> bool:
+    """Page-lock ``t``'s memory in place (cudaHostRegister); False where the driver refuses."""
+    return int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)) == 0
+
+
+def _cuda_unregister(t: torch.Tensor) -> None:
+    torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
+
+
+_PAGE = 4096
+
+
+class PinnedPool:
+    """Page-locked host buffers of exactly the requested size, reused across steps.
+
+    ``take(shape, dtype)`` returns ``(buffer, tensor)``: the smallest free buffer that is big enough (after
+    waiting for the event its last user gave back, normally long done), else a new one; when a new one is
+    needed, free buffers too small for this request are released first, so the pool holds about as many
+    buffers as are in use at once, each at most the largest size seen. ``give(buffer, event)`` returns a
+    buffer once the copy that reads it (``event``, None = done) is queued. Where page-locking fails, the
+    buffer stays pageable (copies are then synchronous; the same bytes) and this is said once.
+    """
+
+    def __init__(self, register=_cuda_register, unregister=_cuda_unregister):
+        self.register, self.unregister = register, unregister
+        self.free: list = []  # (buffer, event)
+        self.held_bytes = 0
+        self.register_s = 0.0  # time spent page-locking (about 0.5 s per GB: a first step at a new length)
+
+    def lease(self, shape, dtype: torch.dtype) -> "_Lease":
+        """``take`` wrapped so the buffer comes back to the pool even if nobody calls ``give`` (a forward
+        whose backward never runs): ``lease.tensor`` is the host tensor, ``lease.back(event)`` returns it."""
+        return _Lease(self, *self.take(shape, dtype))
+
+    def take(self, shape, dtype: torch.dtype):
+        need = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+        fits = [(b, e) for b, e in self.free if b.numel() >= need]
+        if fits:
+            buf, event = min(fits, key=lambda be: be[0].numel())
+            self.free = [(b, e) for b, e in self.free if b is not buf]
+            if event is not None:
+                event.synchronize()
+        else:
+            self._release([(b, e) for b, e in self.free])
+            self.free = []
+            size = -(-max(need, 1) // _PAGE) * _PAGE
+            raw = torch.empty(size + _PAGE, dtype=torch.uint8)
+            off = -raw.data_ptr() % _PAGE
+            buf = raw[off:off + size]  # whole pages of its own: page-locking touches no neighbour
+            t0 = time.perf_counter()
+            pinned = self.register(buf)
+            self.register_s += time.perf_counter() - t0
+            if not pinned:
+                say_once("pinned-register", "offloaded checkpointing: host memory could not be page-locked; "
+                         "copies to and from the host run synchronously (same results, slower)")
+            self.held_bytes += buf.numel()
+        return buf, buf[:need].view(dtype).view(tuple(shape))
+
+    def give(self, buf: torch.Tensor, event=None) -> None:
+        self.free.append((buf, event))
+
+    def _release(self, entries) -> None:
+        for buf, event in entries:
+            if event is not None:
+                event.synchronize()
+            self.unregister(buf)
+            self.held_bytes -= buf.numel()
+
+
+class _Lease:
+    def __init__(self, pool: PinnedPool, buf: torch.Tensor, tensor: torch.Tensor):
+        self.pool, self.buf, self.tensor, self.event = pool, buf, tensor, None
+
+    def back(self, event=None) -> None:
+        if self.buf is not None:
+            self.pool.give(self.buf, event if event is not None else self.event)
+            self.buf = self.tensor = None
+
+    def __del__(self):
+        self.back()
+
+
+_pools: dict = {}
+
+
+def pinned_pool(device: torch.device) -> PinnedPool:
+    """The process's :class:`PinnedPool` for copies to and from ``device``."""
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _pools:
+        _pools[key] = PinnedPool()
+    return _pools[key]
 
 
 def _side(device: torch.device):
@@ -42,11 +143,13 @@ class OffloadedCheckpoint(torch.autograd.Function):
         if x.is_cuda:
             side = _side(x.device)
             side.wait_stream(torch.cuda.current_stream(x.device))
-            host = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=True)
+            ctx.lease = pinned_pool(x.device).lease(x.shape, x.dtype)
+            host = ctx.lease.tensor
             with torch.cuda.stream(side):
                 host.copy_(x, non_blocking=True)
                 ctx.copied = torch.cuda.Event()
                 ctx.copied.record(side)
+            ctx.lease.event = ctx.copied  # if no backward comes, the buffer is free once this copy ends
             x.record_stream(side)  # the allocator keeps x's memory until the copy has read it
         else:
             host, ctx.copied = x.detach().clone(), None
@@ -58,6 +161,11 @@ class OffloadedCheckpoint(torch.autograd.Function):
         if ctx.copied is not None:
             torch.cuda.current_stream(ctx.device).wait_event(ctx.copied)
         x = ctx.host.to(ctx.device, non_blocking=True)
+        if ctx.copied is not None:  # the buffer is free again once this copy has read it
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(ctx.device))
+            ctx.lease.back(done)
+            ctx.lease = None
         params = [p for p in ctx.layer.parameters() if p.requires_grad]
         with torch.enable_grad():
             xr = x.detach().requires_grad_(True)

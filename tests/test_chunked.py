@@ -1,0 +1,128 @@
+"""Long-context memory: the MLP in row chunks (models/chunked.py) and exact-size pinned host buffers
+for offloaded checkpointing (models/offload.py PinnedPool)."""
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+from tests.tiny_models import randomize_lora_b
+from velotune import FastLanguageModel, set_cuda_graphs
+from velotune.kernels.lora import lora_mlp
+from velotune.models import chunked, offload
+
+
+def _projection(out_f, in_f, r, g):
+    base = torch.randn(out_f, in_f, generator=g) / in_f**0.5
+    a = (torch.randn(r, in_f, generator=g) / in_f**0.5).requires_grad_(True)
+    b = (torch.randn(out_f, r, generator=g) * 0.1).requires_grad_(True)
+    return base, a, b, 1.7
+
+
+def test_row_chunked_mlp_equals_whole_mlp_outputs_and_grads():
+    g = torch.Generator().manual_seed(0)
+    projs = [_projection(24, 16, 4, g), _projection(24, 16, 4, g), _projection(16, 24, 4, g)]
+    params = [t for p in projs for t in p[1:3]]
+    x = torch.randn(2, 11, 16, generator=g, requires_grad=True)  # 22 rows in chunks of 5: a ragged last one
+    dy = torch.randn(2, 11, 16, generator=g)
+
+    def run(chunk):
+        y = (chunked.row_chunked(lambda rows: lora_mlp(rows, *projs), x, params, rows=5) if chunk
+             else lora_mlp(x, *projs))
+        grads = torch.autograd.grad(y, [x] + params, dy)
+        return y.detach(), grads
+
+    y_c, g_c = run(True)
+    y_w, g_w = run(False)
+    torch.testing.assert_close(y_c, y_w, rtol=1e-6, atol=1e-6)
+    for a, b in zip(g_c, g_w):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # no grad: just the chunk loop, same values
+        torch.testing.assert_close(chunked.row_chunked(lambda rows: lora_mlp(rows, *projs), x, params, rows=5), y_w,
+                                   rtol=1e-6, atol=1e-6)
+
+
+def _model(tiny_dir, gc_mode):
+    model, _ = FastLanguageModel.from_pretrained(tiny_dir("llama"), max_seq_length=128, load_in_4bit=False)
+    model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, random_state=3,
+                                             use_gradient_checkpointing=gc_mode)
+    randomize_lora_b(model, seed=11, std=0.1)
+    set_cuda_graphs(model, False)
+    model.train()
+    return model
+
+
+@pytest.mark.parametrize("gc_mode", [True, "unsloth"])
+def test_decoder_with_chunked_mlp_trains_like_whole_mlp(tiny_dir, monkeypatch, gc_mode):
+    monkeypatch.setattr(offload, "ON_CPU", True)  # "unsloth": the offload Function's recompute path
+    ids = torch.randint(4, 500, (2, 30), generator=torch.Generator().manual_seed(5))
+    results, calls = [], []
+    real = chunked._RowChunked.backward
+    monkeypatch.setattr(chunked._RowChunked, "backward", staticmethod(lambda ctx, dy: calls.append(1) or real(ctx, dy)))
+    monkeypatch.setattr(chunked, "CHUNK_ROWS", 7)
+    for chunk_rows in (0, 16):  # 0: off; 16: 60 rows > 16 -> chunks of 7
+        monkeypatch.setattr(chunked, "MLP_CHUNK_ROWS", chunk_rows)
+        calls.clear()
+        model = _model(tiny_dir, gc_mode)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad},
+                        len(calls)))
+    (l0, g0, c0), (l1, g1, c1) = results
+    assert c0 == 0 and c1 == 2  # chunking off, then on in both layers
+    assert abs(l0 - l1) < 1e-6
+    assert g0.keys() == g1.keys() and any("mlp" in n for n in g0)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+class _FakePin:
+    def __init__(self):
+        self.registered, self.unregistered = [], []
+
+    def register(self, t):
+        assert t.data_ptr() % offload._PAGE == 0 and t.numel() % offload._PAGE == 0  # whole pages only
+        self.registered.append(t.numel())
+        return True
+
+    def unregister(self, t):
+        self.unregistered.append(t.numel())
+
+
+def test_pinned_pool_exact_sizes_reuse_and_release():
+    pin = _FakePin()
+    pool = offload.PinnedPool(pin.register, pin.unregister)
+    mib = 2**20
+    bufs = [pool.take((3, mib // 4 + 5), torch.bfloat16) for _ in range(3)]  # 1.5 MiB + 30 B each
+    for buf, t in bufs:
+        assert t.shape == (3, mib // 4 + 5) and t.dtype == torch.bfloat16
+        assert buf.numel() == 6 * mib // 4 + 4096  # rounded to whole pages, not to a power of two (2 MiB)
+    assert pool.held_bytes == 3 * bufs[0][0].numel()
+    bufs[0][1].fill_(1.0)
+    for buf, _ in bufs:
+        pool.give(buf)
+    again = [pool.take((3, mib // 4 + 5), torch.bfloat16)[0] for _ in range(3)]
+    assert {b.data_ptr() for b in again} == {b.data_ptr() for b, _ in bufs} and len(pin.registered) == 3  # reused
+    for b in again:
+        pool.give(b)
+    small = pool.take((10,), torch.float32)[0]  # fits in a free buffer: the smallest that fits is reused
+    assert len(pin.registered) == 3 and small.numel() == again[0].numel()
+    pool.give(small)
+    big = pool.take((4 * mib,), torch.uint8)  # nothing fits: the free (smaller) buffers go, one new buffer
+    assert pin.unregistered == [bufs[0][0].numel()] * 3 and len(pin.registered) == 4
+    assert pool.held_bytes == big[0].numel() == 4 * mib
+
+
+def test_pinned_lease_comes_back_without_backward():
+    pin = _FakePin()
+    pool = offload.PinnedPool(pin.register, pin.unregister)
+    lease = pool.lease((8, 8), torch.float32)
+    assert lease.tensor.shape == (8, 8) and not pool.free
+    del lease
+    gc.collect()
+    assert len(pool.free) == 1  # a forward whose backward never ran gives its buffer back
+    lease = pool.lease((8, 8), torch.float32)
+    lease.back()
+    lease.back()  # twice: once only
+    assert len(pool.free) == 1 and len(pin.registered) == 1
