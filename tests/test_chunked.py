@@ -90,9 +90,13 @@ class _FakePin:
         self.unregistered.append(t.numel())
 
 
+def _plenty():
+    return 2**40, 2**41
+
+
 def test_pinned_pool_exact_sizes_reuse_and_release():
     pin = _FakePin()
-    pool = offload.PinnedPool(pin.register, pin.unregister)
+    pool = offload.PinnedPool(pin.register, pin.unregister, _plenty)
     mib = 2**20
     bufs = [pool.take((3, mib // 4 + 5), torch.bfloat16) for _ in range(3)]  # 1.5 MiB + 30 B each
     for buf, t in bufs:
@@ -116,7 +120,7 @@ def test_pinned_pool_exact_sizes_reuse_and_release():
 
 def test_pinned_lease_comes_back_without_backward():
     pin = _FakePin()
-    pool = offload.PinnedPool(pin.register, pin.unregister)
+    pool = offload.PinnedPool(pin.register, pin.unregister, _plenty)
     lease = pool.lease((8, 8), torch.float32)
     assert lease.tensor.shape == (8, 8) and not pool.free
     del lease
@@ -126,3 +130,24 @@ def test_pinned_lease_comes_back_without_backward():
     lease.back()
     lease.back()  # twice: once only
     assert len(pool.free) == 1 and len(pin.registered) == 1
+
+
+def test_pinned_pool_keeps_the_host_reserve(notices, monkeypatch):
+    """No new page-locked buffer that would leave the machine less than its reserve (max(4 GiB, 5%)): take
+    says so once and returns None (the caller keeps the activation on the GPU), instead of the process
+    being killed by the kernel's out-of-memory killer. Free smaller buffers it would release count."""
+    from velotune import _notices
+
+    monkeypatch.setattr(_notices, "_said", set())
+    pin, mib, gib = _FakePin(), 2**20, 2**30
+    state = {"available": 5 * gib + 3 * mib}  # total 100 GiB: the reserve is 5 GiB
+    pool = offload.PinnedPool(pin.register, pin.unregister, lambda: (state["available"], 100 * gib))
+    first = pool.take((2 * mib,), torch.uint8)
+    assert first is not None
+    state["available"] -= 2 * mib
+    assert pool.take((2 * mib,), torch.uint8) is None and len(pin.registered) == 1  # 1 MiB left above reserve
+    assert pool.lease((2 * mib,), torch.uint8) is None
+    assert sum("host memory is short" in m for m in notices) == 1
+    pool.give(first[0])
+    assert pool.take((3 * mib,), torch.uint8) is not None  # the free 2 MiB buffer goes back to the machine
+    assert pin.unregistered == [2 * mib] and pool.held_bytes == 3 * mib

@@ -160,14 +160,19 @@ def test_cuda_graphs_train_like_eager(family, gc, graphed, tmp_path, monkeypatch
     _assert_runs_agree(runs)
 
 
-def test_long_context_paths_train_like_eager(tmp_path, monkeypatch):
+@pytest.mark.parametrize("host_short", [False, True], ids=["pinned", "host-short"])
+def test_long_context_paths_train_like_eager(tmp_path, monkeypatch, host_short):
     """The long-context memory paths on the GPU: the MLP in row chunks (models/chunked.py) under offloaded
     checkpointing with the exact-size pinned host buffers (offload.PinnedPool, cudaHostRegister), without
     graphs, against recompute checkpointing with the whole MLP: 4 QLoRA steps agree as above, and the
-    pool reuses its buffers from step to step (one per offloaded layer, not one per layer per step)."""
+    pool reuses its buffers from step to step (one per offloaded layer, not one per layer per step).
+    host-short: the pool sees no host memory to spare, so the inputs stay on the GPU; same results."""
     from velotune import set_cuda_graphs
     from velotune.models import chunked, offload
 
+    if host_short:
+        short = offload.PinnedPool(meminfo=lambda: (0, 2**40))
+        monkeypatch.setattr(offload, "pinned_pool", lambda device: short)
     path = _make("llama", tmp_path)
     runs = {}
     for mode in (False, True):
@@ -179,7 +184,10 @@ def test_long_context_paths_train_like_eager(tmp_path, monkeypatch):
         del model
     _assert_runs_agree(runs)
     pool = offload.pinned_pool(torch.device("cuda"))
-    assert len(pool.free) == 3 and pool.held_bytes == 3 * 2 * 512 * 512 * 2  # 3 layers' [2, 512, 512] bf16
+    if host_short:
+        assert not pool.free and pool.held_bytes == 0
+    else:
+        assert len(pool.free) == 3 and pool.held_bytes == 3 * 2 * 512 * 512 * 2  # 3 layers' [2, 512, 512] bf16
 
 
 def _four_steps(model, batch):

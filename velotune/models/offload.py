@@ -42,6 +42,19 @@ def _cuda_unregister(t: torch.Tensor) -> None:
 
 
 _PAGE = 4096
+# Host memory offloading leaves to everything else: a new buffer is only taken while MemAvailable stays
+# above max(HOST_RESERVE_GIB, 5% of the machine's memory) after it.
+HOST_RESERVE_GIB = 4.0
+
+
+def _meminfo() -> tuple[int, int]:
+    """(MemAvailable, MemTotal) in bytes from /proc/meminfo; (-1, -1) where there is none (not Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.split()}
+        return info["MemAvailable"], info["MemTotal"]
+    except (OSError, KeyError, ValueError, IndexError):
+        return -1, -1
 
 
 class PinnedPool:
@@ -53,10 +66,15 @@ class PinnedPool:
     buffers as are in use at once, each at most the largest size seen. ``give(buffer, event)`` returns a
     buffer once the copy that reads it (``event``, None = done) is queued. Where page-locking fails, the
     buffer stays pageable (copies are then synchronous; the same bytes) and this is said once.
+
+    Host memory: a new buffer is taken only if the machine keeps its reserve after it (HOST_RESERVE_GIB,
+    at least 5% of its memory); otherwise ``take`` returns None and the caller keeps that activation on
+    the GPU (said once, with what it costs): the kernel's out-of-memory killer would otherwise end the
+    process without a word (page-locked memory cannot be swapped).
     """
 
-    def __init__(self, register=_cuda_register, unregister=_cuda_unregister):
-        self.register, self.unregister = register, unregister
+    def __init__(self, register=_cuda_register, unregister=_cuda_unregister, meminfo=_meminfo):
+        self.register, self.unregister, self.meminfo = register, unregister, meminfo
         self.free: list = []  # (buffer, event)
         self.held_bytes = 0
         self.register_s = 0.0  # time spent page-locking (about 0.5 s per GB: a first step at a new length)
@@ -64,7 +82,8 @@ class PinnedPool:
     def lease(self, shape, dtype: torch.dtype) -> "_Lease":
         """``take`` wrapped so the buffer comes back to the pool even if nobody calls ``give`` (a forward
         whose backward never runs): ``lease.tensor`` is the host tensor, ``lease.back(event)`` returns it."""
-        return _Lease(self, *self.take(shape, dtype))
+        taken = self.take(shape, dtype)
+        return _Lease(self, *taken) if taken is not None else None
 
     def take(self, shape, dtype: torch.dtype):
         need = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
@@ -75,9 +94,18 @@ class PinnedPool:
             if event is not None:
                 event.synchronize()
         else:
+            size = -(-max(need, 1) // _PAGE) * _PAGE
+            smaller = sum(b.numel() for b, _ in self.free)  # released below: they count as available
+            available, total = self.meminfo()
+            reserve = max(HOST_RESERVE_GIB * 2**30, 0.05 * total)
+            if available >= 0 and available + smaller - size < reserve:
+                say_once("pinned-short", f"offloaded checkpointing: host memory is short ({available / 2**30:.1f} GiB "
+                         f"available, {size / 2**30:.2f} GiB asked, {reserve / 2**30:.1f} GiB kept free), so some "
+                         "layer inputs stay on the GPU (same results, more GPU memory). For longer sequences "
+                         "use a machine with more host memory (about layers x tokens x hidden x 2 bytes)")
+                return None
             self._release([(b, e) for b, e in self.free])
             self.free = []
-            size = -(-max(need, 1) // _PAGE) * _PAGE
             raw = torch.empty(size + _PAGE, dtype=torch.uint8)
             off = -raw.data_ptr() % _PAGE
             buf = raw[off:off + size]  # whole pages of its own: page-locking touches no neighbour
@@ -144,6 +172,9 @@ class OffloadedCheckpoint(torch.autograd.Function):
             side = _side(x.device)
             side.wait_stream(torch.cuda.current_stream(x.device))
             ctx.lease = pinned_pool(x.device).lease(x.shape, x.dtype)
+            if ctx.lease is None:  # host memory is short: this input stays on the GPU (the pool said so)
+                ctx.host, ctx.copied = x.detach(), None
+                return out
             host = ctx.lease.tensor
             with torch.cuda.stream(side):
                 host.copy_(x, non_blocking=True)
@@ -161,7 +192,7 @@ class OffloadedCheckpoint(torch.autograd.Function):
         if ctx.copied is not None:
             torch.cuda.current_stream(ctx.device).wait_event(ctx.copied)
         x = ctx.host.to(ctx.device, non_blocking=True)
-        if ctx.copied is not None:  # the buffer is free again once this copy has read it
+        if getattr(ctx, "lease", None) is not None:  # the buffer is free again once this copy has read it
             done = torch.cuda.Event()
             done.record(torch.cuda.current_stream(ctx.device))
             ctx.lease.back(done)
