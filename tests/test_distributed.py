@@ -174,6 +174,49 @@ if ranks:
 '''
 
 
+# Resume of an FSDP2 run (velotune.distributed.fsdp_save_checkpoint / fsdp_load_checkpoint): "full" trains
+# 4 AdamW steps and saves a checkpoint after step 2; "resume" starts from that checkpoint, trains steps 3-4.
+RESUME_SCRIPT = '''
+import json, sys
+import torch
+import torch.distributed as dist
+from velotune import FastLanguageModel
+from velotune.distributed import fsdp_load_checkpoint, fsdp_save_checkpoint, fsdp_shard
+
+model_dir, out, mode, ckpt = sys.argv[1:5]
+dist.init_process_group("gloo")
+rank, size = dist.get_rank(), dist.get_world_size()
+model, tok = FastLanguageModel.from_pretrained(model_dir, max_seq_length=64, load_in_4bit=True, dtype=torch.float32)
+model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing=True, random_state=3)
+fsdp_shard(model)
+model.train()
+opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+start = fsdp_load_checkpoint(model, opt, ckpt)["step"] if mode == "resume" else 0
+losses = []
+for step in range(start, 4):
+    ids = torch.randint(4, 500, (4, 24), generator=torch.Generator().manual_seed(step))
+    part = ids[rank * 4 // size:(rank + 1) * 4 // size]
+    loss = model(input_ids=part, labels=part).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    losses.append(total.item() / size)
+    if mode == "full" and step == 1:
+        fsdp_save_checkpoint(model, opt, ckpt, {"step": 2})
+weights = {n: p.full_tensor().detach().tolist() for n, p in model.named_parameters() if p.requires_grad}
+if mode == "resume":
+    from velotune.distributed import fsdp_save_adapter
+
+    fsdp_save_adapter(model, ckpt + "-final-adapter")
+if rank == 0:
+    with open(out, "w") as f:
+        json.dump({"losses": losses, "weights": weights}, f)
+dist.destroy_process_group()
+'''
+
+
 def _env() -> dict:
     path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
@@ -401,6 +444,45 @@ def test_fsdp2_sharded_model_trains_like_one_process(tiny_dir, tmp_path, quant):
         torch.testing.assert_close(tb[k], ta[k], rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL, msg=k)
 
 
+def test_fsdp2_checkpoint_resumes_exactly(tiny_dir, tmp_path):
+    """fsdp_save_checkpoint after step 2 of a 2-rank QLoRA run with AdamW, then a new 2-rank run resumes from it:
+    steps 3-4 give the uninterrupted run's losses and weights (the optimizer's moments came back too: without
+    them step 3 would differ). The checkpoint holds only safetensors and JSON, and an adapter to export."""
+    (tmp_path / "resume_script.py").write_text(RESUME_SCRIPT)
+    model_dir, ckpt = tiny_dir("llama"), tmp_path / "ckpt"
+    res = {}
+    for mode in ("full", "resume"):
+        _run(_torchrun(2) + ["resume_script.py", model_dir, str(tmp_path / f"{mode}.json"), mode, str(ckpt)], tmp_path)
+        res[mode] = json.loads((tmp_path / f"{mode}.json").read_text())
+    full, resumed = res["full"], res["resume"]
+    assert len(full["losses"]) == 4 and len(resumed["losses"]) == 2
+    torch.testing.assert_close(torch.tensor(resumed["losses"]), torch.tensor(full["losses"][2:]), rtol=1e-6, atol=0)
+    for n in full["weights"]:
+        torch.testing.assert_close(torch.tensor(resumed["weights"][n]), torch.tensor(full["weights"][n]),
+                                   rtol=1e-6, atol=1e-7, msg=n)
+    files = sorted(p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*") if p.is_file())
+    assert {f.rsplit(".", 1)[-1] for f in files} == {"safetensors", "json", "md"}, files  # md: PEFT's model card
+    assert "adapter/adapter_model.safetensors" in files and "optimizer.safetensors" in files
+    assert json.loads((ckpt / "training_state.json").read_text()) == {"step": 2}
+    # the export after a sharded run: its adapter, merged in one process onto the base (16-bit weights out)
+    from safetensors.torch import load_file
+
+    from velotune import FastLanguageModel
+
+    model, tok = FastLanguageModel.from_pretrained(str(tmp_path / "ckpt-final-adapter"), max_seq_length=64,
+                                                   load_in_4bit=False, dtype=torch.float32)
+    merged = Path(model.save_pretrained_merged(tmp_path / "merged", tok, dtype=torch.float32))
+    out = {k: v for f in merged.glob("*.safetensors") for k, v in load_file(f).items()}
+    base = load_file(Path(model_dir) / "model.safetensors")
+    name = "model.layers.1.self_attn.q_proj.weight"
+    prefix = "base_model.model." + name.removesuffix(".weight")
+    a = torch.tensor(full["weights"][prefix + ".lora_A.default.weight"])
+    b = torch.tensor(full["weights"][prefix + ".lora_B.default.weight"])
+    expected = base[name].float() + 2.0 * b @ a  # lora_alpha 16 / r 8
+    assert (expected - base[name].float()).abs().max() > 1e-2  # the adapter moved this weight
+    torch.testing.assert_close(out[name].float(), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_fsdp_shard_needs_a_process_group(tiny_dir, tmp_path):
     from velotune import FastLanguageModel
     from velotune.distributed import fsdp_save_adapter, fsdp_shard
@@ -410,6 +492,12 @@ def test_fsdp_shard_needs_a_process_group(tiny_dir, tmp_path):
         fsdp_shard(model)
     with pytest.raises(VelotuneError, match=r"model.save_pretrained\(save_directory\)"):
         fsdp_save_adapter(model, tmp_path / "a")
+    from velotune.distributed import fsdp_load_checkpoint, fsdp_save_checkpoint
+
+    with pytest.raises(VelotuneError, match="SFTTrainer's checkpoints"):
+        fsdp_save_checkpoint(model, None, tmp_path / "c")
+    with pytest.raises(VelotuneError, match="under torchrun"):
+        fsdp_load_checkpoint(model, None, tmp_path / "c")
 
 
 def test_fsdp_is_refused_with_the_fix(tiny_dir, tmp_path):

@@ -22,6 +22,8 @@ import atexit
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
 
 from ._notices import VelotuneError
 
@@ -191,8 +193,10 @@ def fsdp_shard(model, mesh=None, reshard_after_forward: bool = True):
     ranks on this process's device type. Gradients are averaged over ranks (FSDP's default), so each
     rank's loss should be its share of the global batch's mean.
 
-    ``SFTTrainer`` does not take FSDP yet (it refuses it with what to do instead); the Trainer's own
-    route, accelerate's FSDP2 plugin, has to pass its GPU test first (issue #8).
+    Save with :func:`fsdp_save_adapter` (the adapter, to export) or :func:`fsdp_save_checkpoint` (to resume
+    with :func:`fsdp_load_checkpoint`). ``SFTTrainer`` does not take FSDP yet (it refuses it with what to do
+    instead); the Trainer's own route, accelerate's FSDP2 plugin, runs only on GPUs and has to pass its GPU
+    test first (issue #8).
     """
     from torch.distributed.fsdp import fully_shard
 
@@ -240,3 +244,105 @@ def fsdp_save_adapter(model, save_directory, **kwargs) -> None:
         with atomic_directory(save_directory) as tmp:
             model.save_pretrained(tmp, state_dict=state, **kwargs)
     d.barrier()
+
+
+_TRAINABLE = "trainable.safetensors"
+_OPTIMIZER = "optimizer.safetensors"
+_OPTIMIZER_REST = "optimizer.json"
+_STATE = "training_state.json"
+
+
+def _dcp_options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def fsdp_save_checkpoint(model, optimizer, folder, state: Optional[dict] = None) -> None:
+    """Save a resumable checkpoint of an :func:`fsdp_shard`-ed model and its optimizer: the trainable
+    weights (whole tensors, by parameter name) and the optimizer state in safetensors, the optimizer's
+    settings and ``state`` (your own JSON-able loop state: step, scheduler, data position) in JSON, and
+    the LoRA adapter in ``folder/adapter`` (what :func:`fsdp_save_adapter` writes; export from it).
+
+    A collective: call it on every rank; the shards are gathered, rank 0 writes, atomically (a temporary
+    folder renamed into place: an interrupted save leaves the previous checkpoint as it was), the others
+    wait. Frozen (base, 4-bit) weights are not saved: they come from the model you load again. Nothing
+    is pickled: :func:`fsdp_load_checkpoint` reads only safetensors and JSON.
+    """
+    import json
+
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    d = _dist()
+    if d is None:
+        raise VelotuneError("fsdp_save_checkpoint is for a sharded model under torchrun; with one process use "
+                            "SFTTrainer's checkpoints (save_steps) or model.save_pretrained for the adapter")
+    import torch
+
+    opts = _dcp_options(cpu_offload=True, ignore_frozen_params=True)
+    weights = get_model_state_dict(model, options=opts)
+    optim = get_optimizer_state_dict(model, optimizer, options=opts)
+    if d.get_rank() == 0:
+        from safetensors.torch import save_file
+
+        from .export.atomic import atomic_directory
+
+        # {"state": {name: {key: value}}, "param_groups": [...]} -> tensors by "name/key" + the rest as JSON
+        tensors, scalars = {}, {}
+        for name, entries in optim["state"].items():
+            for key, value in entries.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"{name}/{key}"] = value.detach().contiguous()
+                else:
+                    scalars[f"{name}/{key}"] = value
+        rest = {"param_groups": optim["param_groups"], "scalars": scalars}
+        with atomic_directory(folder) as tmp:
+            save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(tmp / _TRAINABLE))
+            save_file(tensors, str(tmp / _OPTIMIZER))
+            (tmp / _OPTIMIZER_REST).write_text(json.dumps(rest, indent=1))
+            (tmp / _STATE).write_text(json.dumps(state or {}, indent=1))
+            model.save_pretrained(tmp / "adapter", state_dict=_peft_names(model, weights))
+    d.barrier()
+
+
+def _peft_names(model, weights: dict) -> dict:
+    """Trainable weights by the names ``model.named_parameters()`` gives (what PEFT's save_pretrained takes)."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing = names - weights.keys()
+    if missing:
+        raise VelotuneError(f"checkpoint: no gathered value for {sorted(missing)[:3]}; please report this")
+    return {n: weights[n] for n in names}
+
+
+def fsdp_load_checkpoint(model, optimizer, folder) -> dict:
+    """Resume from :func:`fsdp_save_checkpoint`: load the trainable weights and the optimizer state into an
+    :func:`fsdp_shard`-ed model (each rank keeps its shards) and its optimizer (built the same way as for
+    the saved run, after sharding). Returns the ``state`` dict that was saved. Call it on every rank."""
+    import json
+
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    if _dist() is None:
+        raise VelotuneError("fsdp_load_checkpoint is for a sharded model under torchrun")
+    folder = Path(folder)
+    names = [_TRAINABLE, _OPTIMIZER, _OPTIMIZER_REST, _STATE]
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        raise VelotuneError(f"{folder} is not a checkpoint of fsdp_save_checkpoint (missing {missing}); pass the "
+                            "folder it wrote")
+    weights = load_file(str(folder / _TRAINABLE))
+    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(weights) != expected:
+        extra, absent = sorted(set(weights) - expected)[:3], sorted(expected - set(weights))[:3]
+        raise VelotuneError(f"{folder} was saved from another adapter layout (in the checkpoint only: {extra}; in "
+                            f"the model only: {absent}); build the model with the same get_peft_model arguments")
+    rest = json.loads((folder / _OPTIMIZER_REST).read_text())
+    state: dict = {}
+    for flat, value in [*load_file(str(folder / _OPTIMIZER)).items(), *rest["scalars"].items()]:
+        name, key = flat.rsplit("/", 1)
+        state.setdefault(name, {})[key] = value
+    optim = {"state": state, "param_groups": rest["param_groups"]}
+    set_model_state_dict(model, weights, options=_dcp_options(strict=False))
+    set_optimizer_state_dict(model, optimizer, optim, options=_dcp_options())
+    return json.loads((folder / _STATE).read_text())
