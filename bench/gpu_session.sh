@@ -2,7 +2,7 @@
 # One device call that validates and measures everything GPU-side (run from the repo root on the GPU
 # machine; results land in $OUT). Ordered by importance, each step time-boxed, so a cut-short call
 # still returns the first answers.
-#   OUT=/tmp/out bash bench/gpu_session.sh [tests|train1b|train8b|packing|decode|all|long|probe]
+#   OUT=/tmp/out bash bench/gpu_session.sh [tests|train1b|train8b|packing|decode|all|long|probe|ddp]
 set -u
 OUT=${OUT:-/tmp/velotune-gpu}
 mkdir -p "$OUT"
@@ -33,6 +33,12 @@ if [[ $what == probe ]]; then  # long context, 2 of the 8B layers: working memor
   timeout 300 python bench/long_context.py --layers 2 --peers ${PEERS:-velotune unsloth} \
     --lengths ${LENGTHS:-131072 262144 409600 524288} --timeout 150 --results "$OUT/long_context.jsonl" --workdir /tmp/vb 2>&1 \
     | grep "\[long\]" | tee "$OUT/probe.txt"
+fi
+if [[ $what == ddp ]]; then  # a multi-GPU machine (kind nvidia-h100-x2): 1 vs GPUS ranks, DDP then FSDP2
+  timeout 400 python bench/ddp_scaling.py --shape 8b --gpus ${GPUS:-2} --timeout 190 --results "$OUT/ddp_scaling.jsonl" \
+    --workdir /tmp/vb 2>&1 | grep "\[ddp\]" | tee "$OUT/ddp.txt"
+  timeout 180 python bench/ddp_scaling.py --shape 8b --gpus ${GPUS:-2} --mode fsdp --timeout 85 \
+    --results "$OUT/ddp_scaling.jsonl" --workdir /tmp/vb 2>&1 | grep "\[ddp\]" | tee -a "$OUT/ddp.txt"
 fi
 if [[ $what == decode || $what == all ]]; then
   timeout 420 python bench/decode.py --shapes 8b --peers velotune hf unsloth --results "$OUT/decode.jsonl" \
