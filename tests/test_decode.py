@@ -60,6 +60,24 @@ def test_greedy_generation_matches_hf_4bit_and_single_prompt(tiny_dir):
         assert calls and torch.equal(fast, hf)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_static_cache_generation_matches_hf(tiny_dir, family):
+    """generate(cache_implementation="static"): the cache counts its length on the device (a tensor); the
+    fast path sizes its RoPE tables from the cache instead (it used to fail on the tensor). Gemma-2 has
+    sliding-window layers, whose static cache is shorter than the positions."""
+    kw = {"attn_implementation": "eager"} if family == "gemma2" else {}
+    model, tok = FastLanguageModel.from_pretrained(tiny_dir(family), load_in_4bit=False, max_seq_length=128, **kw)
+    model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, random_state=3)
+    randomize_lora_b(model, seed=11, std=0.5)
+    FastLanguageModel.for_inference(model)
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    hf, _ = _generate(model, enc, fast=False, cache_implementation="static")
+    fast, calls = _generate(model, enc, fast=True, cache_implementation="static")
+    assert len(calls) == 12 and torch.equal(fast, hf), (fast, hf)
+    dynamic, _ = _generate(model, enc, fast=True)
+    assert torch.equal(dynamic, hf)
+
+
 @pytest.mark.real_model
 def test_greedy_generation_matches_hf_on_the_real_model(real_model_dir):
     """The acceptance check of issue #7: SmolLM2-135M-Instruct, fp32, chat template, 40 new tokens."""

@@ -577,7 +577,12 @@ def _cached_forward(self, spec, input_ids, attention_mask, position_ids, past_ke
         if "sliding_attention" in types:
             masks["sliding_attention"] = create_sliding_window_causal_mask(**kw)
     # positions never exceed past + new tokens (left padding only lowers them): no host sync needed
-    cos, sin = _rope_tables(self, config, past + input_ids.shape[1], x.device)
+    n_pos = past + input_ids.shape[1]
+    if isinstance(past, torch.Tensor):  # a static cache counts on the device: size the tables by its length
+        longest = past_key_values.get_max_length()
+        sliding = any(_layer_type(config, i) == "sliding_attention" for i in range(config.num_hidden_layers))
+        n_pos = longest if longest > 0 and not sliding else int(n_pos)  # sliding layers: positions pass it
+    cos, sin = _rope_tables(self, config, n_pos, x.device)
     plan = _Plan(spec, config, cos, sin, position_ids, None, None, None, activation_of(config, spec),
                  cache=(past_key_values, masks))
     for layer in backbone.layers[: config.num_hidden_layers]:
