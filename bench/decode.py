@@ -1,4 +1,5 @@
-"""4-bit decoding speed: velotune's generation path vs HF generate vs Unsloth's for_inference (issue #7).
+"""4-bit decoding speed: velotune's generation path (eager, and decode steps recorded as CUDA graphs) vs HF
+generate (dynamic cache, and static cache + torch.compile) vs Unsloth's for_inference (issue #7).
 
 Random-init Llama checkpoint of the named shape (bench/run_train_step.py builds it), NF4 + double
 quantisation, bf16 compute, a LoRA adapter (r16, 7 targets) as after training, greedy decoding of
@@ -21,6 +22,10 @@ from pathlib import Path
 from _child import run_child, write_result
 
 HERE = Path(__file__).resolve().parent
+# velotune: the generation path, dynamic cache, kernels launched one by one; velotune_graphs: for_inference's
+# defaults where decode steps are recorded (static cache, CUDA graphs); hf_static: HF with a static cache
+# (generate then torch.compiles the forward: its warm-up generate includes the compile)
+PEERS = ["velotune", "velotune_graphs", "hf", "hf_static", "unsloth"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -35,16 +40,16 @@ def one_peer(args) -> dict:
                                                      load_in_4bit=True)
         model = FastLanguageModel.get_peft_model(model, r=16, target_modules=TARGETS, lora_alpha=16)
         FastLanguageModel.for_inference(model)
-    elif args.peer == "velotune":
+    elif args.peer.startswith("velotune"):
         from velotune import FastLanguageModel
-        from velotune.models import decoder
+        from velotune.models import decode_graphs, decoder
 
-        if not decoder.DECODE_ON_CUDA:
-            raise RuntimeError("velotune's generation path is switched off (velotune env)")
+        decoder.DECODE_ON_CUDA = True  # the generation path (off on CUDA until it wins here): measured on
+        decode_graphs.ENABLED = args.peer == "velotune_graphs"
         model, _ = FastLanguageModel.from_pretrained(args.ckpt, max_seq_length=2048, dtype=torch.bfloat16,
                                                      load_in_4bit=True)
         model = FastLanguageModel.get_peft_model(model, r=16, target_modules=TARGETS, lora_alpha=16)
-        FastLanguageModel.for_inference(model)
+        FastLanguageModel.for_inference(model)  # velotune_graphs: static cache by default, steps recorded
     else:
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -61,6 +66,8 @@ def one_peer(args) -> dict:
         ids = torch.randint(0, vocab, (bs, args.prompt), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
         kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new, min_new_tokens=args.new,
                   do_sample=False, pad_token_id=0)
+        if args.peer == "hf_static":  # HF's own fast decode: static cache, the forward torch.compiled by generate
+            kw["cache_implementation"] = "static"
         with torch.no_grad():
             model.generate(**{**kw, "max_new_tokens": 8, "min_new_tokens": 8})
             torch.cuda.synchronize()
@@ -71,17 +78,18 @@ def one_peer(args) -> dict:
         rows.append({"peer": args.peer, "batch": bs, "prompt": args.prompt, "new_tokens": args.new,
                      "tokens_per_s": round(bs * args.new / dt, 1), "wall_s": round(dt, 3),
                      "first_ids": out[0, args.prompt:args.prompt + 8].tolist(),
+                     "cache": kw.get("cache_implementation") or model.generation_config.cache_implementation or "dynamic",
                      "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)})
     return {"rows": rows}
 
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--peer", choices=["velotune", "hf", "unsloth"])
+    p.add_argument("--peer", choices=PEERS)
     p.add_argument("--ckpt")
     p.add_argument("--json")
     p.add_argument("--shapes", nargs="+", default=["8b"])
-    p.add_argument("--peers", nargs="+", default=["velotune", "hf", "unsloth"])
+    p.add_argument("--peers", nargs="+", default=PEERS, choices=PEERS)
     p.add_argument("--batch", nargs="+", type=int, default=[1, 8])
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--new", type=int, default=256)

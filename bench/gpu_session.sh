@@ -41,6 +41,6 @@ if [[ $what == ddp ]]; then  # a multi-GPU machine (kind nvidia-h100-x2): 1 vs G
     --results "$OUT/ddp_scaling.jsonl" --workdir /tmp/vb 2>&1 | grep "\[ddp\]" | tee -a "$OUT/ddp.txt"
 fi
 if [[ $what == decode || $what == all ]]; then
-  timeout 420 python bench/decode.py --shapes 8b --peers velotune hf unsloth --results "$OUT/decode.jsonl" \
+  timeout 420 python bench/decode.py --shapes 8b --peers ${PEERS:-velotune_graphs velotune hf hf_static unsloth} --results "$OUT/decode.jsonl" \
     --workdir /tmp/vb 2>&1 | grep "\[decode\]" | tee "$OUT/decode.txt"
 fi

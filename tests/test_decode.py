@@ -78,6 +78,56 @@ def test_static_cache_generation_matches_hf(tiny_dir, family):
     assert torch.equal(dynamic, hf)
 
 
+def test_recorded_decode_steps_match_hf(tiny_dir, monkeypatch):
+    """Decode steps through models/decode_graphs.py (CPU emulation: a replay runs the recorded function on
+    the static inputs only, so a tensor of the recording step read by mistake gives wrong tokens): greedy
+    outputs equal HF's for several generate calls, 4-bit, with the cache reused between calls (replays),
+    a new batch size (recorded again), and an adapter switched off (recorded again: other kernels)."""
+    from velotune.models import decode_graphs
+
+    monkeypatch.setattr(decode_graphs, "EMULATE_ON_CPU", True)
+    made, replays = [], []
+    real_init, real_call = decode_graphs.DecodeGraph.__init__, decode_graphs.DecodeGraph.__call__
+    monkeypatch.setattr(decode_graphs.DecodeGraph, "__init__", lambda self, *a, **k: made.append(1) or real_init(self, *a, **k))
+    monkeypatch.setattr(decode_graphs.DecodeGraph, "__call__", lambda self, *a: replays.append(1) or real_call(self, *a))
+    model, tok = FastLanguageModel.from_pretrained(tiny_dir("llama"), load_in_4bit=True, max_seq_length=128)
+    model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, random_state=3)
+    randomize_lora_b(model, seed=11, std=0.5)
+    FastLanguageModel.for_inference(model)
+    for prompts in (PROMPTS, PROMPTS[::-1], PROMPTS[:1]):
+        enc = tok(prompts, return_tensors="pt", padding=True)
+        hf, _ = _generate(model, enc, fast=False, cache_implementation="static")
+        fast, _ = _generate(model, enc, fast=True, cache_implementation="static")
+        assert torch.equal(fast, hf), (prompts, fast, hf)
+    with model.disable_adapter():
+        hf, _ = _generate(model, enc, fast=False, cache_implementation="static")
+        fast, _ = _generate(model, enc, fast=True, cache_implementation="static")
+        assert torch.equal(fast, hf)
+    # 11 decode steps per call; recorded at the first of each new key, replayed for the rest
+    assert len(replays) > 3 * 10 and 2 <= len(made) <= 4, (len(made), len(replays))
+
+
+def test_for_inference_defaults_to_a_static_cache_where_steps_are_recorded(tiny_dir, monkeypatch, notices):
+    """for_inference: where decode steps are recorded (here: the CPU emulation), generate defaults to a static
+    cache and no torch.compile, said once; plain generate() then replays recorded steps and equals HF. Where
+    they are not (CPU without emulation), the generation config is left as it was."""
+    from velotune import _notices
+    from velotune.models import decode_graphs
+
+    monkeypatch.setattr(_notices, "_said", set())
+    model, tok = FastLanguageModel.from_pretrained(tiny_dir("llama"), load_in_4bit=False, max_seq_length=128)
+    FastLanguageModel.for_inference(model)
+    assert model.generation_config.cache_implementation is None
+    monkeypatch.setattr(decode_graphs, "EMULATE_ON_CPU", True)
+    FastLanguageModel.for_inference(model)
+    assert model.generation_config.cache_implementation == "static" and model.generation_config.disable_compile
+    assert any("cache_implementation=\"static\"" in m for m in notices)
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    hf, _ = _generate(model, enc, fast=False)
+    fast, _ = _generate(model, enc, fast=True)
+    assert torch.equal(fast, hf) and "_velotune_decode_graph" in model.__dict__
+
+
 @pytest.mark.real_model
 def test_greedy_generation_matches_hf_on_the_real_model(real_model_dir):
     """The acceptance check of issue #7: SmolLM2-135M-Instruct, fp32, chat template, 40 new tokens."""

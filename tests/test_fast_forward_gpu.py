@@ -238,6 +238,34 @@ def test_generation_matches_hf(tmp_path, monkeypatch, load_in_4bit):
     assert torch.equal(outs[True], outs[False])
 
 
+@pytest.mark.parametrize("load_in_4bit", [False, True], ids=["fp32", "4bit-fp32-compute"])
+def test_recorded_decode_matches_hf(tmp_path, monkeypatch, load_in_4bit):
+    """Decode steps recorded as CUDA graphs (models/decode_graphs.py) with a static cache: greedy tokens equal
+    HF's forward with the same cache, over two generate calls (the second replays the first's graph on the
+    reset cache), and the graph was recorded, not skipped after a failed capture."""
+    from velotune.models import decoder
+
+    monkeypatch.setattr(decoder, "DECODE_ON_CUDA", True)
+    path = _make("llama", tmp_path)
+    model, tok = FastLanguageModel.from_pretrained(path, dtype=torch.float32, load_in_4bit=load_in_4bit,
+                                                   max_seq_length=1024)
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16)
+    randomize_lora_b(model, seed=5, std=0.5)
+    FastLanguageModel.for_inference(model)
+    base = model.get_base_model()
+    for prompts in (["The capital of France is", "Add the two numbers: 12 and 30. The answer"],
+                    ["Write a haiku about the sea.", "Count: one, two,"]):
+        enc = tok(prompts, return_tensors="pt", padding=True).to("cuda")
+        outs = {}
+        for fast in (False, True):
+            set_fast_forward(model, fast)
+            outs[fast] = model.generate(**enc, max_new_tokens=24, do_sample=False, cache_implementation="static",
+                                        disable_compile=True)
+        assert torch.equal(outs[True], outs[False])
+    assert base.__dict__.get("_velotune_decode_broken") is None
+    assert "_velotune_decode_graph" in base.__dict__
+
+
 def test_cuda_graphs_packed_rows(tmp_path, monkeypatch):
     """Packed rows (varlen attention with offsets padded by empty sequences, positions restarting) through
     real CUDA graphs, boundaries moving every batch: the eager losses and weights. When this passes, set

@@ -240,6 +240,7 @@ class FastLanguageModel:
         base.config.use_cache = True
         if st.tokenizer is not None:
             st.tokenizer.padding_side = "left"
+        _record_decode_steps(base)
         return model
 
     @staticmethod
@@ -255,6 +256,31 @@ class FastLanguageModel:
         if st.tokenizer is not None:
             st.tokenizer.padding_side = "right"
         return model
+
+
+def _record_decode_steps(base) -> None:
+    """Where velotune's generation path records decode steps as CUDA graphs (models/decode_graphs.py), make
+    ``generate`` use a static KV cache by default (what the graphs replay over) and not torch.compile the
+    forward itself (HF does for static caches on GPUs; the graphs already remove the launch overhead).
+    Only defaults the user left unset change; said once."""
+    from .models import decode_graphs, decoder
+
+    gen = getattr(base, "generation_config", None)
+    device = next(base.parameters()).device
+    on = decode_graphs.ENABLED and (decoder.DECODE_ON_CUDA if device.type == "cuda" else decode_graphs.EMULATE_ON_CPU)
+    if gen is None or not on or base.__dict__.get("_velotune_fast", {}).get("spec") is None:
+        return
+    changed = []
+    if gen.cache_implementation is None:
+        gen.cache_implementation = "static"
+        changed.append('cache_implementation="static"')
+    if gen.disable_compile is None:
+        gen.disable_compile = True
+        changed.append("disable_compile=True")
+    if changed:
+        say_once("inference-static", f"for_inference: generate defaults to {', '.join(changed)} (decode steps replay "
+                 "a recorded CUDA graph over the static KV cache); pass cache_implementation=\"dynamic\" to generate "
+                 "to turn this off")
 
 
 def _load_adapter(model, adapter_dir: str):

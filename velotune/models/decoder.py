@@ -36,6 +36,7 @@ from ..kernels.rms_norm import rms_norm
 from ..kernels.rope import rope, rope_cos_sin
 from . import attention as A
 from . import chunked
+from . import decode_graphs
 from . import offload as offload_mod
 from .registry import FamilySpec, activation_of, family_of
 
@@ -503,7 +504,10 @@ def _static_inputs(plan, attn_plans, position_ids, x):
 # Off on CUDA: correct there, but not faster yet (bench/decode.py, 8B shape 4-bit, H200, 2026-11-28:
 # 7.2 tok/s at batch 1 and 55.4 at batch 8 vs HF's forward 8.6 and 57.6: decoding is bound by the host's
 # per-token launches, and batch 1 dequantises whole weights where bitsandbytes runs a 4-bit GEMV).
-# Turn on when a change (CUDA graphs for decode, a 4-bit GEMV) makes it faster in that benchmark.
+# Turn on when a change makes it faster in that benchmark: decode steps recorded as CUDA graphs over a static
+# cache (models/decode_graphs.py; for_inference then makes the static cache generate's default) are
+# written and tested on CPU by emulation; their GPU test (test_recorded_decode_matches_hf) and the
+# velotune_graphs peer of bench/decode.py have not run yet.
 DECODE_ON_CUDA = False
 
 
@@ -583,14 +587,48 @@ def _cached_forward(self, spec, input_ids, attention_mask, position_ids, past_ke
         sliding = any(_layer_type(config, i) == "sliding_attention" for i in range(config.num_hidden_layers))
         n_pos = longest if longest > 0 and not sliding else int(n_pos)  # sliding layers: positions pass it
     cos, sin = _rope_tables(self, config, n_pos, x.device)
-    plan = _Plan(spec, config, cos, sin, position_ids, None, None, None, activation_of(config, spec),
-                 cache=(past_key_values, masks))
-    for layer in backbone.layers[: config.num_hidden_layers]:
-        x = _layer(layer, x, plan, (None, None))
-    hidden = _norm(x, backbone.norm, plan)
-    _, logits = _loss_or_logits(self, hidden, None, None, logits_to_keep,
-                                getattr(config, "final_logit_softcapping", None))
+    layers = backbone.layers[: config.num_hidden_layers]
+    activation, softcap = activation_of(config, spec), getattr(config, "final_logit_softcapping", None)
+
+    def run(h, pos, step_masks):  # reads only its arguments and what outlives the call (see decode_graphs.py)
+        plan = _Plan(spec, config, cos, sin, pos, None, None, None, activation, cache=(past_key_values, step_masks))
+        for layer in layers:
+            h = _layer(layer, h, plan, (None, None))
+        return _loss_or_logits(self, _norm(h, backbone.norm, plan), None, None, logits_to_keep, softcap)[1]
+
+    if input_ids.shape[1] == 1 and decode_graphs.usable(x) and not torch.is_grad_enabled() \
+            and self.__dict__.get("_velotune_decode_broken") is None and decode_graphs.replayable_cache(past_key_values):
+        logits = _graphed_decode(self, run, layers, x, position_ids, masks, past_key_values, cos, logits_to_keep)
+    else:
+        logits = run(x, position_ids, masks)
     return CausalLMOutputWithPast(logits=logits, past_key_values=past_key_values)
+
+
+def _graphed_decode(model, run, layers, x, position_ids, masks, cache, cos, logits_to_keep):
+    """A decode step through a recorded graph (models/decode_graphs.py): replayed when one was recorded for
+    this key, else run eagerly and recorded for the next step."""
+    first = cache.layers[0]
+    key = (tuple(x.shape), x.dtype, str(x.device), tuple(position_ids.shape), id(cache), first.keys.data_ptr(),
+           cos.data_ptr(), decode_graphs.mask_layout(masks), logits_to_keep, torch.is_autocast_enabled(x.device.type),
+           _adapter_signature(model, layers))
+    entry = model.__dict__.get("_velotune_decode_graph")
+    if entry is not None and entry[0] == key:
+        return entry[1](x, position_ids, masks)
+    logits = run(x, position_ids, masks)  # this step, eagerly; then recorded (recording runs nothing)
+    model.__dict__.pop("_velotune_decode_graph", None)
+    try:
+        if x.is_cuda and "_velotune_decode_pool" not in model.__dict__:
+            model.__dict__["_velotune_decode_pool"] = torch.cuda.graph_pool_handle()
+        graph = decode_graphs.DecodeGraph(run, x, position_ids, masks, model.__dict__.get("_velotune_decode_pool"))
+    except Exception as e:  # noqa: BLE001 - any recording failure: say why, decode eagerly (same numerics)
+        model.__dict__["_velotune_decode_broken"] = f"{type(e).__name__}: {e}"
+        say_once("decode-graph-failed", f"generation: the decode step could not be recorded as a CUDA graph "
+                 f"({str(e)[:300]}); decoding continues without it (same tokens, slower). Please report this "
+                 "with `velotune env`.")
+        return logits
+    model.__dict__["_velotune_decode_graph"] = (key, graph)
+    say_once("decode-graph", "generation: decode steps replay a recorded CUDA graph (static KV cache)")
+    return logits
 
 
 def install(model) -> bool:
