@@ -55,10 +55,11 @@ if sys.argv[6:] == ["graphs"]:  # the CUDA-graph stack Function, emulated on CPU
 rows = load_alpaca_dataset().select(range(40)).map(get_alpaca_formatter(tok), batched=True)
 # every other row cut to ~15 tokens: the ranks' micro-batches hold very different token counts
 rows = rows.map(lambda r, i: {"text": r["text"][:40] + tok.eos_token if i % 2 else r["text"]}, with_indices=True)
+fsdp = {"fsdp": "full_shard"} if sys.argv[6:] == ["fsdp"] else {}  # velotune shards it (FSDP2 per layer)
 args = TrainingArguments(output_dir=out, per_device_train_batch_size=bs, per_device_eval_batch_size=bs,
                          gradient_accumulation_steps=ga, max_steps=3, learning_rate=2e-2, warmup_steps=0,
                          lr_scheduler_type="constant", logging_steps=1, optim="sgd", seed=3407,
-                         save_strategy="no", report_to="none")
+                         save_strategy="no", report_to="none", **fsdp)
 trainer = SFTTrainer(model=model, tokenizer=tok, train_dataset=rows.select(range(32)),
                      eval_dataset=rows.select(range(32, 40)), dataset_text_field="text", max_seq_length=256, args=args)
 counts, inner = [], trainer.compute_loss
@@ -78,8 +79,10 @@ torch.save({"processes": trainer.accelerator.num_processes, "parallel_mode": str
             "loss": [h["loss"] for h in trainer.state.log_history if "loss" in h],
             "grad_norm": [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h],
             "eval_loss": eval_loss, "counts": counts,
-            "lora": {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n},
-            "captures": __import__("velotune.models.graphs", fromlist=["x"]).state_of(model.get_base_model()).captures},
+            "lora": {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+                     for n, p in model.named_parameters() if "lora_" in n},
+            "captures": __import__("velotune.models.graphs", fromlist=["x"]).state_of(model.get_base_model()).captures,
+            "sharded": any(hasattr(p, "full_tensor") for p in model.parameters())},
            f"{results}/rank{trainer.args.process_index}.pt")
 '''
 
@@ -217,6 +220,32 @@ dist.destroy_process_group()
 '''
 
 
+# SFTTrainer under FSDP (fsdp="full_shard", 2 ranks, 4-bit): checkpoints every 2 steps; "resume" starts from
+# checkpoint-2 of the first run.
+FSDP_TRAINER_SCRIPT = '''
+import json, sys
+import torch
+from transformers import TrainingArguments
+from velotune import FastLanguageModel, SFTTrainer, get_alpaca_formatter
+from velotune.data.bundled import load_alpaca_dataset
+
+model_dir, out, results, mode = sys.argv[1:5]
+model, tok = FastLanguageModel.from_pretrained(model_dir, max_seq_length=128, load_in_4bit=True, dtype=torch.float32)
+model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing=True)
+rows = load_alpaca_dataset().select(range(16)).map(get_alpaca_formatter(tok), batched=True)
+args = TrainingArguments(output_dir=out, per_device_train_batch_size=2, max_steps=4, learning_rate=1e-2,
+                         warmup_steps=0, lr_scheduler_type="linear", logging_steps=1, optim="adamw_torch",
+                         seed=3407, save_steps=2, report_to="none", fsdp="full_shard")
+trainer = SFTTrainer(model=model, tokenizer=tok, train_dataset=rows, dataset_text_field="text", args=args)
+trainer.train(resume_from_checkpoint=out + "/checkpoint-2" if mode == "resume" else None)
+trainer.save_model(out + "/final-" + mode)
+lora = {n: p.full_tensor().detach().tolist() for n, p in model.named_parameters() if p.requires_grad}
+if trainer.args.process_index == 0:
+    with open(results, "w") as f:
+        json.dump({"loss": [h["loss"] for h in trainer.state.log_history if "loss" in h], "lora": lora}, f)
+'''
+
+
 def _env() -> dict:
     path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
@@ -262,7 +291,7 @@ def test_two_ranks_equal_one_process(tiny_dir, tmp_path):
     model = _sharp_model(tiny_dir, tmp_path / "sharp")
     results = {}
     for name, launcher, bs, extra in (("one", [sys.executable], 4, []), ("ddp", _torchrun(2), 2, []),
-                                      ("ddp-graphs", _torchrun(2), 2, ["graphs"])):
+                                      ("ddp-graphs", _torchrun(2), 2, ["graphs"]), ("fsdp", _torchrun(2), 2, ["fsdp"])):
         res = tmp_path / f"results-{name}"
         res.mkdir()
         _run(launcher + [str(script), model, str(tmp_path / f"out-{name}"), str(res), str(bs), "2", *extra], tmp_path)
@@ -306,6 +335,16 @@ def test_two_ranks_equal_one_process(tiny_dir, tmp_path):
     for k, w in one["lora"].items():
         assert torch.equal(g0["lora"][k], g1["lora"][k]), f"{k}: DDP ranks diverged with graphs"
         torch.testing.assert_close(g0["lora"][k], w, rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL)
+
+    # fsdp="full_shard": velotune shards every decoder layer (FSDP2) and the Trainer runs the same loop
+    f0 = results["fsdp"]["rank0"]
+    assert f0["processes"] == 2 and f0["sharded"] and not r0["sharded"]
+    torch.testing.assert_close(torch.tensor(f0["loss"]), torch.tensor(one["loss"]), rtol=LOSS_RTOL, atol=0)
+    torch.testing.assert_close(torch.tensor(f0["grad_norm"]), torch.tensor(one["grad_norm"]), rtol=GRAD_RTOL, atol=0)
+    assert f0["eval_loss"] == pytest.approx(one["eval_loss"], rel=LOSS_RTOL)
+    for k, w in one["lora"].items():
+        assert f0["lora"][k].shape == w.shape, k  # gathered whole, not one rank's shard
+        torch.testing.assert_close(f0["lora"][k], w, rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL, msg=k)
 
 
 def test_cli_rank0_writes_everything(tiny_dir, tmp_path):
@@ -483,6 +522,35 @@ def test_fsdp2_checkpoint_resumes_exactly(tiny_dir, tmp_path):
     torch.testing.assert_close(out[name].float(), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_sft_trainer_fsdp_checkpoint_resumes_exactly(tiny_dir, tmp_path):
+    """SFTTrainer with fsdp="full_shard" on 2 ranks (4-bit base, AdamW): its checkpoints hold the gathered adapter
+    and the optimizer state in safetensors (no optimizer.pt), resuming from checkpoint-2 gives the uninterrupted
+    run's losses for steps 3-4 and its final weights, and save_model writes whole adapter tensors."""
+    (tmp_path / "fsdp_trainer.py").write_text(FSDP_TRAINER_SCRIPT)
+    model_dir, out = tiny_dir("llama"), tmp_path / "out"
+    res = {}
+    for mode in ("full", "resume"):
+        _run(_torchrun(2) + ["fsdp_trainer.py", model_dir, str(out), str(tmp_path / f"{mode}.json"), mode], tmp_path)
+        res[mode] = json.loads((tmp_path / f"{mode}.json").read_text())
+    ckpt = out / "checkpoint-2"
+    names = {p.name for p in ckpt.iterdir()}
+    assert {"adapter_model.safetensors", "trainable.safetensors", "optimizer.safetensors", "optimizer.json",
+            "scheduler.pt", "trainer_state.json"} <= names and "optimizer.pt" not in names, names
+    full, resumed = res["full"], res["resume"]
+    # the resumed log holds steps 1-2 from the checkpoint's trainer state, then its own steps 3-4
+    assert len(full["loss"]) == len(resumed["loss"]) == 4 and resumed["loss"][:2] == full["loss"][:2]
+    torch.testing.assert_close(torch.tensor(resumed["loss"][2:]), torch.tensor(full["loss"][2:]), rtol=1e-5, atol=0)
+    for n in full["lora"]:
+        torch.testing.assert_close(torch.tensor(resumed["lora"][n]), torch.tensor(full["lora"][n]), rtol=1e-5,
+                                   atol=1e-6, msg=n)
+    from safetensors.torch import load_file
+
+    saved = load_file(out / "final-full" / "adapter_model.safetensors")
+    key = next(k for k in saved if "layers.0.self_attn.q_proj.lora_A" in k)
+    name = next(n for n in full["lora"] if "layers.0.self_attn.q_proj.lora_A" in n)
+    torch.testing.assert_close(saved[key].float(), torch.tensor(full["lora"][name]), rtol=0, atol=0)  # TRL: bf16 QLoRA adapters
+
+
 def test_fsdp_shard_needs_a_process_group(tiny_dir, tmp_path):
     from velotune import FastLanguageModel
     from velotune.distributed import fsdp_save_adapter, fsdp_shard
@@ -509,6 +577,33 @@ def test_fsdp_is_refused_with_the_fix(tiny_dir, tmp_path):
     model, tok = FastLanguageModel.from_pretrained(tiny_dir("llama"), max_seq_length=64, load_in_4bit=False)
     model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8)
     rows = load_alpaca_dataset().select(range(4)).map(get_alpaca_formatter(tok), batched=True)
-    args = TrainingArguments(output_dir=str(tmp_path), fsdp=True, max_steps=1, report_to="none")
-    with pytest.raises(VelotuneError, match=r"FSDP is not supported.*torchrun --nproc_per_node N"):
+    args = TrainingArguments(output_dir=str(tmp_path), fsdp="full_shard", max_steps=1, report_to="none")
+    with pytest.raises(VelotuneError, match=r"FSDP shards the model over several processes.*torchrun"):
         SFTTrainer(model=model, tokenizer=tok, train_dataset=rows, args=args)
+
+
+def test_fsdp_request_from_arguments_and_accelerate_config(monkeypatch):
+    """What SFTTrainer reads as an FSDP request: fsdp= / fsdp_config=, or accelerate launch's environment; and
+    the options velotune's sharding refuses, each with its fix."""
+    from types import SimpleNamespace
+
+    from velotune.training import trainer as T
+
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    assert T._fsdp_request(SimpleNamespace(fsdp=[], fsdp_config={})) is None
+    req = T._fsdp_request(SimpleNamespace(fsdp=["full_shard"], fsdp_config={"fsdp_reshard_after_forward": "false"}))
+    assert req == {"reshard_after_forward": False, "cpu_offload": False, "activation_checkpointing": False, "version": "2"}
+    assert T._fsdp_request(SimpleNamespace(fsdp=["full_shard", "offload"], fsdp_config={}))["cpu_offload"]
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # accelerate launch --config_file fsdp.yaml
+    monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    req = T._fsdp_request(SimpleNamespace(fsdp=[], fsdp_config={}))
+    assert req["activation_checkpointing"] and req["version"] == "1"
+    monkeypatch.setattr(T, "world", lambda: World(rank=0, local_rank=0, size=2))
+    with pytest.raises(VelotuneError, match="use_gradient_checkpointing= to get_peft_model"):
+        T._check_fsdp(req)
+    with pytest.raises(VelotuneError, match="cpu_offload is not supported"):
+        T._check_fsdp({**req, "cpu_offload": True})
+    with T._accelerate_without_fsdp(True):  # the Trainer's Accelerator must not shard again
+        assert os.environ["ACCELERATE_USE_FSDP"] == "false"
+    assert os.environ["ACCELERATE_USE_FSDP"] == "true"

@@ -194,9 +194,7 @@ def fsdp_shard(model, mesh=None, reshard_after_forward: bool = True):
     rank's loss should be its share of the global batch's mean.
 
     Save with :func:`fsdp_save_adapter` (the adapter, to export) or :func:`fsdp_save_checkpoint` (to resume
-    with :func:`fsdp_load_checkpoint`). ``SFTTrainer`` does not take FSDP yet (it refuses it with what to do
-    instead); the Trainer's own route, accelerate's FSDP2 plugin, runs only on GPUs and has to pass its GPU
-    test first (issue #8).
+    with :func:`fsdp_load_checkpoint`). ``SFTTrainer`` with ``fsdp="full_shard"`` calls this itself.
     """
     from torch.distributed.fsdp import fully_shard
 
@@ -258,6 +256,70 @@ def _dcp_options(**kw):
     return StateDictOptions(full_state_dict=True, **kw)
 
 
+def gather_training_state(model, optimizer):
+    """The trainable weights and the optimizer state of an FSDP2-sharded model, whole tensors on the CPU
+    of rank 0 (empty dicts elsewhere). A collective: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    opts = _dcp_options(cpu_offload=True, ignore_frozen_params=True)
+    return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
+
+
+def write_training_state(folder: Path, weights: dict, optim: dict) -> None:
+    """Rank 0's part of a save: ``trainable.safetensors`` (weights by parameter name), ``optimizer.safetensors``
+    (state tensors by "name/key") and ``optimizer.json`` (settings and non-tensor state) into ``folder``."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    tensors, scalars = {}, {}
+    for name, entries in optim["state"].items():
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{name}/{key}"] = value.detach().contiguous()
+            else:
+                scalars[f"{name}/{key}"] = value
+    save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(folder / _TRAINABLE))
+    save_file(tensors, str(folder / _OPTIMIZER))
+    (folder / _OPTIMIZER_REST).write_text(json.dumps({"param_groups": optim["param_groups"], "scalars": scalars},
+                                                     indent=1))
+
+
+def has_training_state(folder) -> bool:
+    return all((Path(folder) / n).is_file() for n in (_TRAINABLE, _OPTIMIZER, _OPTIMIZER_REST))
+
+
+def load_training_state(model, optimizer, folder) -> None:
+    """Every rank: the weights and optimizer state :func:`write_training_state` wrote, into the sharded model
+    (``optimizer=None``: weights only). Reads only safetensors and JSON."""
+    import json
+
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    folder = Path(folder)
+    if not has_training_state(folder):
+        raise VelotuneError(f"{folder} holds no sharded-training state ({_TRAINABLE}, {_OPTIMIZER}, {_OPTIMIZER_REST}); "
+                            "pass a folder written by fsdp_save_checkpoint or by SFTTrainer under FSDP")
+    weights = load_file(str(folder / _TRAINABLE))
+    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(weights) != expected:
+        extra, absent = sorted(set(weights) - expected)[:3], sorted(expected - set(weights))[:3]
+        raise VelotuneError(f"{folder} was saved from another adapter layout (in the checkpoint only: {extra}; in "
+                            f"the model only: {absent}); build the model with the same get_peft_model arguments")
+    set_model_state_dict(model, weights, options=_dcp_options(strict=False))
+    if optimizer is None:
+        return
+    rest = json.loads((folder / _OPTIMIZER_REST).read_text())
+    state: dict = {}
+    for flat, value in [*load_file(str(folder / _OPTIMIZER)).items(), *rest["scalars"].items()]:
+        name, key = flat.rsplit("/", 1)
+        state.setdefault(name, {})[key] = value
+    set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": rest["param_groups"]},
+                             options=_dcp_options())
+
+
 def fsdp_save_checkpoint(model, optimizer, folder, state: Optional[dict] = None) -> None:
     """Save a resumable checkpoint of an :func:`fsdp_shard`-ed model and its optimizer: the trainable
     weights (whole tensors, by parameter name) and the optimizer state in safetensors, the optimizer's
@@ -271,35 +333,16 @@ def fsdp_save_checkpoint(model, optimizer, folder, state: Optional[dict] = None)
     """
     import json
 
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
     d = _dist()
     if d is None:
         raise VelotuneError("fsdp_save_checkpoint is for a sharded model under torchrun; with one process use "
                             "SFTTrainer's checkpoints (save_steps) or model.save_pretrained for the adapter")
-    import torch
-
-    opts = _dcp_options(cpu_offload=True, ignore_frozen_params=True)
-    weights = get_model_state_dict(model, options=opts)
-    optim = get_optimizer_state_dict(model, optimizer, options=opts)
+    weights, optim = gather_training_state(model, optimizer)
     if d.get_rank() == 0:
-        from safetensors.torch import save_file
-
         from .export.atomic import atomic_directory
 
-        # {"state": {name: {key: value}}, "param_groups": [...]} -> tensors by "name/key" + the rest as JSON
-        tensors, scalars = {}, {}
-        for name, entries in optim["state"].items():
-            for key, value in entries.items():
-                if isinstance(value, torch.Tensor):
-                    tensors[f"{name}/{key}"] = value.detach().contiguous()
-                else:
-                    scalars[f"{name}/{key}"] = value
-        rest = {"param_groups": optim["param_groups"], "scalars": scalars}
         with atomic_directory(folder) as tmp:
-            save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(tmp / _TRAINABLE))
-            save_file(tensors, str(tmp / _OPTIMIZER))
-            (tmp / _OPTIMIZER_REST).write_text(json.dumps(rest, indent=1))
+            write_training_state(tmp, weights, optim)
             (tmp / _STATE).write_text(json.dumps(state or {}, indent=1))
             model.save_pretrained(tmp / "adapter", state_dict=_peft_names(model, weights))
     d.barrier()
@@ -320,29 +363,10 @@ def fsdp_load_checkpoint(model, optimizer, folder) -> dict:
     the saved run, after sharding). Returns the ``state`` dict that was saved. Call it on every rank."""
     import json
 
-    from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-
     if _dist() is None:
         raise VelotuneError("fsdp_load_checkpoint is for a sharded model under torchrun")
     folder = Path(folder)
-    names = [_TRAINABLE, _OPTIMIZER, _OPTIMIZER_REST, _STATE]
-    missing = [n for n in names if not (folder / n).is_file()]
-    if missing:
-        raise VelotuneError(f"{folder} is not a checkpoint of fsdp_save_checkpoint (missing {missing}); pass the "
-                            "folder it wrote")
-    weights = load_file(str(folder / _TRAINABLE))
-    expected = {n for n, p in model.named_parameters() if p.requires_grad}
-    if set(weights) != expected:
-        extra, absent = sorted(set(weights) - expected)[:3], sorted(expected - set(weights))[:3]
-        raise VelotuneError(f"{folder} was saved from another adapter layout (in the checkpoint only: {extra}; in "
-                            f"the model only: {absent}); build the model with the same get_peft_model arguments")
-    rest = json.loads((folder / _OPTIMIZER_REST).read_text())
-    state: dict = {}
-    for flat, value in [*load_file(str(folder / _OPTIMIZER)).items(), *rest["scalars"].items()]:
-        name, key = flat.rsplit("/", 1)
-        state.setdefault(name, {})[key] = value
-    optim = {"state": state, "param_groups": rest["param_groups"]}
-    set_model_state_dict(model, weights, options=_dcp_options(strict=False))
-    set_optimizer_state_dict(model, optimizer, optim, options=_dcp_options())
+    if not (folder / _STATE).is_file() or not has_training_state(folder):
+        raise VelotuneError(f"{folder} is not a checkpoint of fsdp_save_checkpoint; pass the folder it wrote")
+    load_training_state(model, optimizer, folder)
     return json.loads((folder / _STATE).read_text())

@@ -17,7 +17,11 @@ averaged over ranks by the Trainer, is that loss too). tests/test_distributed.py
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+from pathlib import Path
+from typing import Optional
 
 import torch
 import trl
@@ -98,6 +102,9 @@ def _distributed_changes(get, velotune_model: bool) -> dict:
         changes["use_cpu"] = True
         say_once("ddp-cpu", f"{w.size} processes on a machine without CUDA GPUs: DDP over the gloo backend "
                  "(use_cpu=True)")
+    if velotune_model and get("fsdp"):
+        # velotune shards the model itself (SFTTrainer, distributed.fsdp_shard); accelerate must not
+        changes.update(fsdp="", fsdp_config=None)
     if velotune_model and get("ddp_find_unused_parameters") is None:
         # Every trainable tensor (LoRA A/B, modules_to_save) takes part in every forward, so DDP need not
         # walk the autograd graph each step to find unused ones (transformers turns that on for any model that
@@ -128,14 +135,70 @@ def _shifted_labels(inputs):
     return labels
 
 
-def _refuse_fsdp(enabled: bool) -> None:
-    if enabled:
-        raise VelotuneError(
-            "FSDP is not supported by velotune's SFTTrainer yet (accelerate's FSDP plugin has not passed its GPU "
-            "test with velotune; issue #8): train with DDP instead, one whole model copy per GPU (torchrun "
-            "--nproc_per_node N script.py, or accelerate launch without an FSDP config; drop fsdp= from the "
-            "arguments), with load_in_4bit=True if the model is large. For sharded weights in a training loop "
-            "of your own, velotune.distributed.fsdp_shard(model) applies FSDP2 (the fast forward runs on it)")
+def _fsdp_request(args) -> Optional[dict]:
+    """The FSDP settings asked for by ``fsdp=`` / ``fsdp_config=`` or an accelerate FSDP config (accelerate
+    launch sets ACCELERATE_USE_FSDP and FSDP_* variables), or None."""
+    env = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    fsdp = getattr(args, "fsdp", None) if args is not None else None
+    if not fsdp and not env:
+        return None
+    cfg = {k.removeprefix("fsdp_"): v for k, v in dict(getattr(args, "fsdp_config", None) or {}).items()}
+
+    def flag(name: str, default: bool) -> bool:
+        value = cfg.get(name, os.environ.get(f"FSDP_{name.upper()}", default))
+        return str(value).lower() in ("true", "1", "yes")
+
+    options = {str(getattr(o, "value", o)) for o in (fsdp if isinstance(fsdp, (list, tuple)) else str(fsdp or "").split())}
+    return {"reshard_after_forward": flag("reshard_after_forward", True),
+            "cpu_offload": flag("cpu_offload", False) or "offload" in options,
+            "activation_checkpointing": flag("activation_checkpointing", False),
+            "version": str(cfg.get("version", os.environ.get("FSDP_VERSION", "2")))}
+
+
+def _check_fsdp(request: dict) -> None:
+    """FSDP options velotune's sharding does not take: an error naming the fix, before any work."""
+    if not world().distributed:
+        raise VelotuneError("FSDP shards the model over several processes: launch the script with torchrun "
+                            "--nproc_per_node N (or accelerate launch), or drop fsdp= to train in one process")
+    if request["cpu_offload"]:
+        raise VelotuneError("FSDP cpu_offload is not supported by velotune's sharding yet: drop it (4-bit base "
+                            "weights, load_in_4bit=True, are the way to fit a large model)")
+    if request["activation_checkpointing"]:
+        raise VelotuneError("FSDP activation_checkpointing: velotune checkpoints the layers itself; drop it from the "
+                            "FSDP config and pass use_gradient_checkpointing= to get_peft_model")
+    if request["version"] != "2":
+        say_once("fsdp-version", f"FSDP version {request['version']} asked: velotune shards with FSDP2 "
+                 "(torch.distributed.fsdp.fully_shard), the same sharded data parallelism")
+
+
+def _keep_sharded(trainer, model) -> None:
+    """Accelerate must neither wrap the FSDP2-sharded model in DDP nor shard it again: its prepare_model
+    hands the model back as it is (registered, as accelerate does with the models it prepares)."""
+    acc = trainer.accelerator
+    real = acc.prepare_model
+
+    def prepare_model(m, device_placement=None, evaluation_mode=False):
+        if m is model:
+            if m not in acc._models:
+                acc._models.append(m)
+            return m
+        return real(m, device_placement=device_placement, evaluation_mode=evaluation_mode)
+
+    acc.prepare_model = prepare_model
+
+
+@contextlib.contextmanager
+def _accelerate_without_fsdp(active: bool):
+    """While the Trainer builds its Accelerator: an accelerate FSDP config (ACCELERATE_USE_FSDP) must not make
+    accelerate shard the model again (velotune sharded it)."""
+    old = os.environ.get("ACCELERATE_USE_FSDP")
+    if active and old is not None:
+        os.environ["ACCELERATE_USE_FSDP"] = "false"
+    try:
+        yield
+    finally:
+        if active and old is not None:
+            os.environ["ACCELERATE_USE_FSDP"] = old
 
 
 def _one_process_one_gpu(args) -> None:
@@ -164,7 +227,10 @@ class SFTTrainer(AtomicCheckpointMixin, trl.SFTTrainer):
 
     Under ``torchrun`` / ``accelerate launch`` (DDP) the same call trains on every rank: the loss is
     normalised over all ranks' label tokens (the one-process loss of the global batch), rank 0 alone
-    saves; on a GPU-less machine the ranks run over gloo (``use_cpu=True``). FSDP is refused.
+    saves; on a GPU-less machine the ranks run over gloo (``use_cpu=True``). With ``fsdp=`` (or an
+    accelerate FSDP config) velotune shards the model itself (FSDP2, every decoder layer one unit: the fused
+    kernels run on the sharded layers) and accelerate only runs the loop: saves and checkpoints gather the
+    adapter and optimizer state (safetensors) on rank 0, and resume puts them back into the shards.
     """
 
     def __init__(self, model=None, args=None, data_collator=None, train_dataset=None, eval_dataset=None,
@@ -176,6 +242,9 @@ class SFTTrainer(AtomicCheckpointMixin, trl.SFTTrainer):
         st = _velotune_state(model) if model is not None and not isinstance(model, str) else None
         if processing_class is None and st is not None:
             processing_class = st.tokenizer
+        fsdp = _fsdp_request(args) if st is not None else None
+        if fsdp is not None:
+            _check_fsdp(fsdp)
         args = to_sft_config(args, legacy, model)
         _cpu_mixed_precision(args)
         if st is not None:
@@ -192,15 +261,23 @@ class SFTTrainer(AtomicCheckpointMixin, trl.SFTTrainer):
                 f"train_dataset has no {text_field!r} column (columns: {cols}); format it first (e.g. "
                 "dataset.map(get_alpaca_formatter(tokenizer), batched=True)) or pass dataset_text_field="
             )
+        self._velotune_fsdp = fsdp
         if st is not None:
-            _refuse_fsdp(bool(args.fsdp))
             _one_process_one_gpu(args)
         if world().distributed:
             destroy_at_exit()
-        super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
-                         eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
-        if st is not None:
-            _refuse_fsdp(self.is_fsdp_enabled)  # also set by an accelerate config (accelerate launch)
+        with _accelerate_without_fsdp(fsdp is not None):
+            super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                             eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
+        if fsdp is not None:
+            # after TRL's __init__, which may still change parameter dtypes (QLoRA adapters to bf16): FSDP2
+            # records them when it shards
+            from ..distributed import fsdp_shard
+
+            fsdp_shard(self.model, reshard_after_forward=fsdp["reshard_after_forward"])
+            _keep_sharded(self, self.model)
+            say_once("fsdp-trainer", f"FSDP: every decoder layer sharded over the {world().size} ranks (FSDP2); "
+                     "saves gather the adapter and optimizer state on rank 0")
         # Our compute_loss divides by num_items_in_batch itself: the Trainer must not also divide by the
         # number of accumulation steps.
         self.model_accepts_loss_kwargs = True
@@ -215,8 +292,48 @@ class SFTTrainer(AtomicCheckpointMixin, trl.SFTTrainer):
         """The optimizer ``args.optim`` names; bitsandbytes' non-paged ones step without a host sync per
         parameter (training/optim.py: the same kernels and results, without the GPU idling between them)."""
         super().create_optimizer(*args, **kwargs)
+        if self._velotune_fsdp is not None and type(self.optimizer).__module__.startswith("bitsandbytes"):
+            raise VelotuneError(f"optim={self.args.optim!r} (bitsandbytes) does not take FSDP's sharded parameters; "
+                                "use optim=\"adamw_torch\" with FSDP (the LoRA optimizer state is small and sharded "
+                                "over the ranks)")
         self.optimizer = without_host_syncs(self.optimizer)
         return self.optimizer
+
+    # ------------------------------------------------------------------ FSDP: saving what the ranks hold
+    def save_model(self, output_dir=None, _internal_call=False):
+        """Under FSDP the adapter is gathered from every rank (a collective: the Trainer calls this on all
+        ranks) and rank 0 writes what one process would; otherwise transformers' save_model."""
+        if self._velotune_fsdp is None:
+            return super().save_model(output_dir, _internal_call=_internal_call)
+        from ..distributed import fsdp_save_adapter
+
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        fsdp_save_adapter(self.model, output_dir)
+        if self.args.should_save and self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        if self._velotune_fsdp is None:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        from ..distributed import gather_training_state, write_training_state
+
+        weights, optim = gather_training_state(self.model, self.optimizer)  # every rank: a collective
+        if self.args.should_save:
+            write_training_state(Path(output_dir), weights, optim)
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, "scheduler.pt"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if self._velotune_fsdp is None:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model=model)
+        # the weights come back with the optimizer state (_load_optimizer_and_scheduler), in one collective
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        if self._velotune_fsdp is None or checkpoint is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        from ..distributed import load_training_state
+
+        load_training_state(self.model, self.optimizer, checkpoint)
+        self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, "scheduler.pt"), weights_only=True))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Loss = sum of label-token losses / label tokens in the whole accumulated batch (all ranks' under
