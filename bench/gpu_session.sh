@@ -2,7 +2,7 @@
 # One device call that validates and measures everything GPU-side (run from the repo root on the GPU
 # machine; results land in $OUT). Ordered by importance, each step time-boxed, so a cut-short call
 # still returns the first answers.
-#   OUT=/tmp/out bash bench/gpu_session.sh [tests|train1b|train8b|packing|decode|all|long|probe|ddp]
+#   OUT=/tmp/out bash bench/gpu_session.sh [tests|train1b|train8b|packing|decode|all|long|probe|ddp|gguf]
 set -u
 OUT=${OUT:-/tmp/velotune-gpu}
 mkdir -p "$OUT"
@@ -39,6 +39,10 @@ if [[ $what == ddp ]]; then  # a multi-GPU machine (kind nvidia-h100-x2): 1 vs G
     --workdir /tmp/vb 2>&1 | grep "\[ddp\]" | tee "$OUT/ddp.txt"
   timeout 180 python bench/ddp_scaling.py --shape 8b --gpus ${GPUS:-2} --mode fsdp --timeout 85 \
     --results "$OUT/ddp_scaling.jsonl" --workdir /tmp/vb 2>&1 | grep "\[ddp\]" | tee -a "$OUT/ddp.txt"
+fi
+if [[ $what == gguf ]]; then  # issue #5: q4_k_m of an 8B-shape model end to end (target <= 2 min on the GPU)
+  timeout 400 python bench/gguf_quant.py --devices cuda --export-8b /tmp/vb/gguf8b --append "$OUT/gguf_quant.jsonl" 2>&1 \
+    | tail -5 | tee "$OUT/gguf.txt"
 fi
 if [[ $what == decode || $what == all ]]; then
   timeout 420 python bench/decode.py --shapes 8b --peers ${PEERS:-velotune_graphs velotune hf hf_static unsloth} --results "$OUT/decode.jsonl" \

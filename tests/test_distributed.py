@@ -383,7 +383,7 @@ def test_cli_rank0_writes_everything(tiny_dir, tmp_path):
     assert report["status"] == "completed" and report["processes"] == 2 and report["steps"] == 2
 
     said = proc.stderr + proc.stdout
-    assert said.count("velotune: DDP with 2 processes") == 1, said[-4000:]
+    assert said.count("velotune: 2 processes: each rank loads a whole copy") == 1, said[-4000:]
     assert said.count("velotune train: completed") == 1
 
     # the same run in one process with the same global batch (2 ranks x 2 = 4 rows a step)

@@ -86,8 +86,8 @@ def _rank_device_map(device_map, device_type: str, w):
         how, mine = "its own GPU (cuda:LOCAL_RANK)", f"cuda:{w.local_rank}"
     else:
         how, mine = "the CPU (gloo backend)", "cpu"
-    say_once("ddp-placement", f"DDP with {w.size} processes: each rank trains a whole copy of the model on {how}; "
-             f"rank {w.rank}, on {mine}, logs, saves and exports")
+    say_once("ddp-placement", f"{w.size} processes: each rank loads a whole copy of the model on {how} (DDP; "
+             f"SFTTrainer with fsdp= then shards it); rank {w.rank}, on {mine}, logs, saves and exports")
     return placed
 
 
