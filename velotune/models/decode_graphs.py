@@ -48,7 +48,8 @@ def _static(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 class DecodeGraph:
     """One recorded decode step; ``run(x, position_ids, masks) -> logits`` is the step's function."""
 
-    def __init__(self, run: Callable, x: torch.Tensor, position_ids: torch.Tensor, masks: dict, pool=None):
+    def __init__(self, run: Callable, x: torch.Tensor, position_ids: torch.Tensor, masks: dict, pool=None,
+                 stream=None):
         self.run = run
         self.x, self.position_ids = _static(x), _static(position_ids)
         self.masks = {k: _static(v) for k, v in masks.items()}
@@ -56,7 +57,7 @@ class DecodeGraph:
         self.graph, self.out = None, None
         if not self.emulate:
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, pool=pool):
+            with torch.cuda.graph(self.graph, pool=pool, stream=stream):
                 self.out = run(self.x, self.position_ids, self.masks)
 
     def __call__(self, x: torch.Tensor, position_ids: torch.Tensor, masks: dict) -> torch.Tensor:

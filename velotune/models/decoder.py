@@ -21,6 +21,7 @@ own module: same math, unfused. Unknown families keep the HF backbone and get th
 """
 from __future__ import annotations
 
+import contextlib
 import types
 
 import torch
@@ -614,12 +615,22 @@ def _graphed_decode(model, run, layers, x, position_ids, masks, cache, cos, logi
     entry = model.__dict__.get("_velotune_decode_graph")
     if entry is not None and entry[0] == key:
         return entry[1](x, position_ids, masks)
-    logits = run(x, position_ids, masks)  # this step, eagerly; then recorded (recording runs nothing)
     model.__dict__.pop("_velotune_decode_graph", None)
-    try:
-        if x.is_cuda and "_velotune_decode_pool" not in model.__dict__:
+    stream = None
+    if x.is_cuda:  # this step runs on the stream the recording will use: its warm-up (lazy inits per stream)
+        if "_velotune_decode_pool" not in model.__dict__:
             model.__dict__["_velotune_decode_pool"] = torch.cuda.graph_pool_handle()
-        graph = decode_graphs.DecodeGraph(run, x, position_ids, masks, model.__dict__.get("_velotune_decode_pool"))
+            model.__dict__["_velotune_decode_stream"] = torch.cuda.Stream(device=x.device)
+        stream = model.__dict__["_velotune_decode_stream"]
+        stream.wait_stream(torch.cuda.current_stream(x.device))
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        logits = run(x, position_ids, masks)  # this step, eagerly; then recorded (recording runs nothing)
+    if stream is not None:
+        torch.cuda.current_stream(x.device).wait_stream(stream)
+        logits.record_stream(torch.cuda.current_stream(x.device))
+    try:
+        graph = decode_graphs.DecodeGraph(run, x, position_ids, masks, model.__dict__.get("_velotune_decode_pool"),
+                                          stream)
     except Exception as e:  # noqa: BLE001 - any recording failure: say why, decode eagerly (same numerics)
         model.__dict__["_velotune_decode_broken"] = f"{type(e).__name__}: {e}"
         say_once("decode-graph-failed", f"generation: the decode step could not be recorded as a CUDA graph "
