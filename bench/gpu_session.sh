@@ -2,7 +2,7 @@
 # One device call that validates and measures everything GPU-side (run from the repo root on the GPU
 # machine; results land in $OUT). Ordered by importance, each step time-boxed, so a cut-short call
 # still returns the first answers.
-#   OUT=/tmp/out bash bench/gpu_session.sh [tests|train1b|train8b|packing|decode|all|long|probe|ddp|gguf]
+#   OUT=/tmp/out bash bench/gpu_session.sh [tests|new|train1b|train8b|packing|decode|all|long|probe|ddp|gguf]
 set -u
 OUT=${OUT:-/tmp/velotune-gpu}
 mkdir -p "$OUT"
@@ -13,6 +13,10 @@ if [[ $what == tests || $what == all ]]; then
   # the GPU tests, new ones first: graphs, offload, generation, Gemma-2, then the rest
   timeout 240 python -m pytest -q -p no:cacheprovider -m gpu tests/test_fast_forward_gpu.py 2>&1 | tail -15 | tee "$OUT/tests-ff.txt"
   timeout 240 python -m pytest -q -p no:cacheprovider -m gpu --ignore=tests/test_fast_forward_gpu.py 2>&1 | tail -8 | tee "$OUT/tests-rest.txt"
+fi
+if [[ $what == new ]]; then  # the GPU paths written without a GPU (2026-11-28, 4th session): their tests first
+  timeout 200 python -m pytest -q -p no:cacheprovider -m gpu tests/test_fast_forward_gpu.py \
+    -k "recorded_decode or long_context_paths" 2>&1 | tail -15 | tee "$OUT/tests-new.txt"
 fi
 if [[ $what == train1b || $what == all ]]; then
   timeout 420 python bench/run_train_step.py --shapes 1b --peers velotune velotune_auto velotune_eager unsloth hf liger \
