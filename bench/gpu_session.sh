@@ -49,6 +49,6 @@ if [[ $what == gguf ]]; then  # issue #5: q4_k_m of an 8B-shape model end to end
     | tail -5 | tee "$OUT/gguf.txt"
 fi
 if [[ $what == decode || $what == all ]]; then
-  timeout 420 python bench/decode.py --shapes 8b --peers ${PEERS:-velotune_graphs velotune hf hf_static unsloth} --results "$OUT/decode.jsonl" \
+  timeout 420 python bench/decode.py --shapes 8b --peers ${PEERS:-velotune_graphs velotune hf unsloth hf_static} --results "$OUT/decode.jsonl" \
     --workdir /tmp/vb 2>&1 | grep "\[decode\]" | tee "$OUT/decode.txt"
 fi
