@@ -42,9 +42,9 @@ def one_peer(args) -> dict:
         FastLanguageModel.for_inference(model)
     elif args.peer.startswith("velotune"):
         from velotune import FastLanguageModel
-        from velotune.models import decode_graphs, decoder
+        from velotune.models import decode_graphs, generation
 
-        decoder.DECODE_ON_CUDA = True  # the generation path (off on CUDA until it wins here): measured on
+        generation.DECODE_ON_CUDA = True  # the generation path (off on CUDA until it wins here): measured on
         decode_graphs.ENABLED = args.peer == "velotune_graphs"
         model, _ = FastLanguageModel.from_pretrained(args.ckpt, max_seq_length=2048, dtype=torch.bfloat16,
                                                      load_in_4bit=True)

@@ -73,15 +73,15 @@ def test_off_lines_say_why(monkeypatch):
 
 def test_switched_off_gpu_paths_are_listed(monkeypatch):
     from velotune.cli import env
-    from velotune.models import decoder, graphs, offload
+    from velotune.models import generation, graphs, offload
 
     assert env._pending_line(cuda=False) == "GPU paths: n/a (no CUDA GPU)"
     for mod, attr in ((offload, "ENABLED_ON_CUDA"), (graphs, "KEEP_ON_CUDA"), (graphs, "STATIC_INPUTS_ON_CUDA"),
-                      (decoder, "DECODE_ON_CUDA")):
+                      (generation, "DECODE_ON_CUDA")):
         monkeypatch.setattr(mod, attr, True)
     assert env._pending_line(cuda=True) == "GPU paths: all on"
     monkeypatch.setattr(offload, "ENABLED_ON_CUDA", False)
-    monkeypatch.setattr(decoder, "DECODE_ON_CUDA", False)
+    monkeypatch.setattr(generation, "DECODE_ON_CUDA", False)
     line = env._pending_line(cuda=True)
     assert "offloaded checkpointing" in line and "fused generation path" in line
     assert "memory planner" not in line and "packed rows" not in line

@@ -1,4 +1,4 @@
-"""The generation path of the fast forward (decoder._cached_forward): HF generate's prefill and decode
+"""The generation path of the fast forward (models/generation.py): HF generate's prefill and decode
 steps through velotune's fused kernels, HF's cache, masks and attention function. Greedy outputs must
 equal HF's own forward token for token (fp32, CPU), with and without left padding, per family."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 
 from tests.tiny_models import FAMILIES, randomize_lora_b
 from velotune import FastLanguageModel
-from velotune.models import decoder, set_fast_forward
+from velotune.models import generation, set_fast_forward
 
 PROMPTS = ["The capital of France is", "Add the two numbers: 12 and 30. The answer"]
 
@@ -16,17 +16,17 @@ PROMPTS = ["The capital of France is", "Add the two numbers: 12 and 30. The answ
 def _generate(model, enc, fast: bool, **kw):
     set_fast_forward(model, fast)
     calls = []
-    real = decoder._cached_forward
+    real = generation.cached_forward
 
     def spy(*a, **k):
         calls.append(a[2].shape[1])  # tokens in this call
         return real(*a, **k)
 
-    decoder._cached_forward = spy
+    generation.cached_forward = spy
     try:
         out = model.generate(**enc, max_new_tokens=12, do_sample=False, **kw)
     finally:
-        decoder._cached_forward = real
+        generation.cached_forward = real
     return out, calls
 
 

@@ -218,11 +218,11 @@ def _assert_runs_agree(runs):
 
 @pytest.mark.parametrize("load_in_4bit", [False, True], ids=["fp32", "4bit-fp32-compute"])
 def test_generation_matches_hf(tmp_path, monkeypatch, load_in_4bit):
-    """The cached generation path (decoder._cached_forward) with the compiled kernels: greedy tokens equal
-    HF's forward in fp32 (left-padded batch of two). When this passes, set decoder.DECODE_ON_CUDA = True."""
-    from velotune.models import decoder
+    """The cached generation path (models/generation.py) with the compiled kernels: greedy tokens equal
+    HF's forward in fp32 (left-padded batch of two). When this passes, set generation.DECODE_ON_CUDA = True."""
+    from velotune.models import generation
 
-    monkeypatch.setattr(decoder, "DECODE_ON_CUDA", True)
+    monkeypatch.setattr(generation, "DECODE_ON_CUDA", True)
     path = _make("llama", tmp_path)
     model, tok = FastLanguageModel.from_pretrained(path, dtype=torch.float32, load_in_4bit=load_in_4bit,
                                                    max_seq_length=1024)
@@ -243,9 +243,9 @@ def test_recorded_decode_matches_hf(tmp_path, monkeypatch, load_in_4bit):
     """Decode steps recorded as CUDA graphs (models/decode_graphs.py) with a static cache: greedy tokens equal
     HF's forward with the same cache, over two generate calls (the second replays the first's graph on the
     reset cache), and the graph was recorded, not skipped after a failed capture."""
-    from velotune.models import decoder
+    from velotune.models import generation
 
-    monkeypatch.setattr(decoder, "DECODE_ON_CUDA", True)
+    monkeypatch.setattr(generation, "DECODE_ON_CUDA", True)
     path = _make("llama", tmp_path)
     model, tok = FastLanguageModel.from_pretrained(path, dtype=torch.float32, load_in_4bit=load_in_4bit,
                                                    max_seq_length=1024)

@@ -263,11 +263,11 @@ def _record_decode_steps(base) -> None:
     ``generate`` use a static KV cache by default (what the graphs replay over) and not torch.compile the
     forward itself (HF does for static caches on GPUs; the graphs already remove the launch overhead).
     Only defaults the user left unset change; said once."""
-    from .models import decode_graphs, decoder
+    from .models import decode_graphs, generation
 
     gen = getattr(base, "generation_config", None)
     device = next(base.parameters()).device
-    on = decode_graphs.ENABLED and (decoder.DECODE_ON_CUDA if device.type == "cuda" else decode_graphs.EMULATE_ON_CPU)
+    on = decode_graphs.ENABLED and (generation.DECODE_ON_CUDA if device.type == "cuda" else decode_graphs.EMULATE_ON_CPU)
     if gen is None or not on or base.__dict__.get("_velotune_fast", {}).get("spec") is None:
         return
     changed = []
