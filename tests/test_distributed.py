@@ -396,6 +396,49 @@ def test_cli_rank0_writes_everything(tiny_dir, tmp_path):
                                torch.tensor([h["loss"] for h in single["history"]]), rtol=LOSS_RTOL, atol=0)
 
 
+def test_cli_fsdp_trains_like_one_process_and_exports(tiny_dir, tmp_path):
+    """`velotune train` with memory.fsdp on 2 ranks: the loss curve of the 1-process run of the same global batch,
+    the adapter gathered whole, and a merged export (made by rank 0 from that adapter) equal to the 1-process
+    run's merged weights."""
+    from safetensors.torch import load_file
+
+    from velotune.cli import main
+
+    cfg = {"model": {"name": tiny_dir("llama"), "max_seq_length": 128, "load_in_4bit": False},
+           "lora": {"r": 8, "lora_alpha": 16}, "data": {"path": "bundled:alpaca", "max_rows": 32},
+           "training": {"output_dir": str(tmp_path / "fsdp"), "max_steps": 2, "save_steps": 2,
+                        "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "learning_rate": 2e-2,
+                        "warmup_steps": 0, "logging_steps": 1, "optim": "adamw_torch", "weight_decay": 0.0},
+           "memory": {"gradient_checkpointing": True, "fsdp": True}, "export": {"methods": ["lora", "merged_16bit"]}}
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    proc = _run(_torchrun(2) + ["-m", "velotune", "train", str(config)], tmp_path)
+    assert "FSDP: every decoder layer sharded over the 2 ranks" in proc.stderr + proc.stdout
+    one = tmp_path / "one"
+    assert main(["train", str(config), f"training.output_dir={one}", "training.per_device_train_batch_size=4",
+                 "memory.fsdp=false"]) == 0
+    runs = {name: json.loads((tmp_path / name / "run_report.json").read_text()) for name in ("fsdp", "one")}
+    assert runs["fsdp"]["processes"] == 2 and runs["fsdp"]["status"] == "completed"
+    torch.testing.assert_close(torch.tensor([h["loss"] for h in runs["fsdp"]["history"]]),
+                               torch.tensor([h["loss"] for h in runs["one"]["history"]]), rtol=LOSS_RTOL, atol=0)
+    a, b = (load_file(tmp_path / n / "merged_16bit" / "model.safetensors") for n in ("fsdp", "one"))
+    assert a.keys() == b.keys()
+    for k in a:  # AdamW: fp32 noise in near-zero gradients moves weights ~1e-5 (see WEIGHT_RTOL's note)
+        torch.testing.assert_close(a[k].float(), b[k].float(), rtol=1e-3, atol=1e-4, msg=k)
+    la = load_file(tmp_path / "fsdp" / "lora" / "adapter_model.safetensors")
+    lb = load_file(tmp_path / "one" / "lora" / "adapter_model.safetensors")
+    assert la.keys() == lb.keys() and all(la[k].shape == lb[k].shape for k in la)
+
+
+def test_cli_fsdp_needs_a_torch_optimizer(tmp_path):
+    from velotune.config import load_config
+
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"model": {"name": "m"}, "data": {"path": "bundled:alpaca"},
+                                                       "memory": {"fsdp": True}}))
+    with pytest.raises(VelotuneError, match="memory.fsdp needs a torch optimizer.*adamw_torch"):
+        load_config(tmp_path / "c.yaml")
+
+
 # ------------------------------------------------------------------------------ in-process, no launch
 @pytest.mark.parametrize("env, expected", [
     ({}, World(0, 0, 1)),

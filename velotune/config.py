@@ -143,6 +143,8 @@ class MemoryConfig:
     cuda_graphs: bool | Literal["auto"] = _f(
         "auto", "record each layer's kernels once and replay them (GPU): auto (the first 8 batch shapes), "
                 "true (every shape), false (never; same numerics, slower)")
+    fsdp: bool = _f(False, "under torchrun: shard the model over the ranks (FSDP2, every decoder layer) instead of "
+                           "a whole copy per rank (DDP); needs training.optim adamw_torch or adamw_torch_fused")
 
 
 @dataclass
@@ -327,6 +329,11 @@ def _cross_checks(cfg: Config) -> list[str]:
                     f"data.format={cfg.data.format}")
     if "gguf" in cfg.export.methods:
         errs += _check_quant(cfg.export.quantization_method)
+    if cfg.memory.fsdp and not cfg.training.optim.startswith("adamw_torch"):
+        errs.append(f"memory.fsdp needs a torch optimizer (bitsandbytes' do not take sharded parameters): set "
+                    f"training.optim: adamw_torch (now {cfg.training.optim})")
+    if cfg.memory.fsdp and cfg.model.full_finetuning:
+        errs.append("memory.fsdp shards LoRA training; model.full_finetuning is true: drop one of them")
     return errs
 
 

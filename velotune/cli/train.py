@@ -266,7 +266,10 @@ class _Run:
             code = 1
         elif code == 0:
             self.report["status"] = "completed"
-            code = self._export(model, tok) if main else 0
+            if self.cfg.memory.fsdp:
+                code = self._export_sharded(trainer.model, tok)
+            else:
+                code = self._export(model, tok) if main else 0
         if main:
             self._finish(trainer)
         # the others wait for rank 0's exports and report (a barrier), then exit with its code
@@ -329,7 +332,7 @@ class _Run:
             use_cpu=not torch.cuda.is_available(),  # on a CPU machine, DDP (torchrun) runs over gloo
             packing=d.packing, dataset_num_proc=d.num_proc,
             logging_nan_inf_filter=False,  # a NaN loss must reach the log (and NonFiniteGuard), not be averaged away
-            include_num_input_tokens_seen="non_padding")
+            include_num_input_tokens_seen="non_padding", **({"fsdp": "full_shard"} if self.cfg.memory.fsdp else {}))
         self.guard, self.stats = NonFiniteGuard(t.learning_rate), RunStats()
         trainer = SFTTrainer(model=model, processing_class=tok, train_dataset=train, eval_dataset=evaluation,
                              args=args, callbacks=[self.guard, self.stats])
@@ -337,12 +340,12 @@ class _Run:
             trainer = train_on_responses_only(trainer)
         return trainer
 
-    def _export(self, model, tok) -> int:
+    def _export(self, model, tok, skip=()) -> int:
         e = self.cfg.export
         where = Path(e.dir).expanduser() if e.dir else self.out
         outputs = {}
         try:
-            for method in e.methods:  # in the order given; lora first is cheapest insurance
+            for method in [m for m in e.methods if m not in skip]:  # in the order given; lora first is cheapest
                 if method == "gguf":
                     paths = model.save_pretrained_gguf(where / "gguf", tok, quantization_method=e.quantization_method)
                     outputs["gguf"] = [str(p) for p in paths]
@@ -354,6 +357,29 @@ class _Run:
             return 1
         self.report["outputs"] = outputs
         return 0
+
+    def _export_sharded(self, model, tok) -> int:
+        """memory.fsdp: every rank gathers the adapter (a collective; rank 0 writes it), then rank 0 makes the
+        other exports from that folder in one process (the base loaded again, the adapter merged onto it)."""
+        from ..distributed import fsdp_save_adapter
+
+        e = self.cfg.export
+        lora = (Path(e.dir).expanduser() if e.dir else self.out) / "lora"
+        fsdp_save_adapter(model, lora)
+        if not world().is_main:
+            return 0
+        if tok is not None:
+            tok.save_pretrained(lora)
+        if e.methods == ["lora"]:
+            self.report["outputs"] = {"lora": str(lora)}
+            return 0
+        from ..api import FastLanguageModel
+
+        one, tok1 = FastLanguageModel.from_pretrained(str(lora), max_seq_length=self.cfg.model.max_seq_length,
+                                                      load_in_4bit=self.cfg.model.load_in_4bit)
+        code = self._export(one, tok1, skip=("lora",))
+        self.report["outputs"] = {"lora": str(lora), **self.report.get("outputs", {})}
+        return code
 
     def _finish(self, trainer) -> None:
         from ..training.checkpoints import checkpoints
