@@ -232,17 +232,20 @@ from velotune.data.bundled import load_alpaca_dataset
 model_dir, out, results, mode = sys.argv[1:5]
 model, tok = FastLanguageModel.from_pretrained(model_dir, max_seq_length=128, load_in_4bit=True, dtype=torch.float32)
 model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing=True)
-rows = load_alpaca_dataset().select(range(16)).map(get_alpaca_formatter(tok), batched=True)
+rows = load_alpaca_dataset().select(range(20)).map(get_alpaca_formatter(tok), batched=True)
 args = TrainingArguments(output_dir=out, per_device_train_batch_size=2, max_steps=4, learning_rate=1e-2,
                          warmup_steps=0, lr_scheduler_type="linear", logging_steps=1, optim="adamw_torch",
-                         seed=3407, save_steps=2, report_to="none", fsdp="full_shard")
-trainer = SFTTrainer(model=model, tokenizer=tok, train_dataset=rows, dataset_text_field="text", args=args)
+                         seed=3407, save_steps=2, report_to="none", fsdp="full_shard", eval_strategy="steps",
+                         eval_steps=2, load_best_model_at_end=True, metric_for_best_model="eval_loss")
+trainer = SFTTrainer(model=model, tokenizer=tok, train_dataset=rows.select(range(16)), eval_dataset=rows.select(range(16, 20)),
+                     dataset_text_field="text", args=args)
 trainer.train(resume_from_checkpoint=out + "/checkpoint-2" if mode == "resume" else None)
 trainer.save_model(out + "/final-" + mode)
 lora = {n: p.full_tensor().detach().tolist() for n, p in model.named_parameters() if p.requires_grad}
 if trainer.args.process_index == 0:
     with open(results, "w") as f:
-        json.dump({"loss": [h["loss"] for h in trainer.state.log_history if "loss" in h], "lora": lora}, f)
+        json.dump({"loss": [h["loss"] for h in trainer.state.log_history if "loss" in h], "lora": lora,
+                   "best": trainer.state.best_model_checkpoint}, f)
 '''
 
 
@@ -568,7 +571,8 @@ def test_fsdp2_checkpoint_resumes_exactly(tiny_dir, tmp_path):
 def test_sft_trainer_fsdp_checkpoint_resumes_exactly(tiny_dir, tmp_path):
     """SFTTrainer with fsdp="full_shard" on 2 ranks (4-bit base, AdamW): its checkpoints hold the gathered adapter
     and the optimizer state in safetensors (no optimizer.pt), resuming from checkpoint-2 gives the uninterrupted
-    run's losses for steps 3-4 and its final weights, and save_model writes whole adapter tensors."""
+    run's losses for steps 3-4 and its final weights, load_best_model_at_end puts the best checkpoint's weights
+    back into the shards, and save_model writes whole adapter tensors."""
     (tmp_path / "fsdp_trainer.py").write_text(FSDP_TRAINER_SCRIPT)
     model_dir, out = tiny_dir("llama"), tmp_path / "out"
     res = {}
@@ -588,6 +592,11 @@ def test_sft_trainer_fsdp_checkpoint_resumes_exactly(tiny_dir, tmp_path):
                                    atol=1e-6, msg=n)
     from safetensors.torch import load_file
 
+    # load_best_model_at_end: the final weights are the best checkpoint's, loaded back into the shards
+    best = load_file(Path(full["best"]) / "trainable.safetensors")
+    assert best.keys() == full["lora"].keys()
+    for n in best:
+        torch.testing.assert_close(best[n].float(), torch.tensor(full["lora"][n]), rtol=0, atol=0, msg=n)
     saved = load_file(out / "final-full" / "adapter_model.safetensors")
     key = next(k for k in saved if "layers.0.self_attn.q_proj.lora_A" in k)
     name = next(n for n in full["lora"] if "layers.0.self_attn.q_proj.lora_A" in n)

@@ -152,11 +152,12 @@ class AtomicCheckpointMixin:
             super()._save_checkpoint(model, trial)
             if several:
                 barrier()  # every rank's RNG state is in the staging folder
-            if publisher:
-                best = self.state.best_model_checkpoint
-                if best and best.startswith(str(staging)):
-                    self.state.best_model_checkpoint = str(run_dir / Path(best).name)
+            best = self.state.best_model_checkpoint
+            if best and best.startswith(str(staging)):  # every rank: where the best checkpoint will be
+                self.state.best_model_checkpoint = str(run_dir / Path(best).name)
+                if publisher:
                     self.state.save_to_json(str(staging / name / TRAINER_STATE))
+            if publisher:
                 publish(staging / name, run_dir / name)
         finally:  # a failed save (disk full, ...) leaves nothing half-written behind
             del self._get_output_dir

@@ -327,6 +327,13 @@ class SFTTrainer(AtomicCheckpointMixin, trl.SFTTrainer):
             return super()._load_from_checkpoint(resume_from_checkpoint, model=model)
         # the weights come back with the optimizer state (_load_optimizer_and_scheduler), in one collective
 
+    def _load_best_model(self):
+        if self._velotune_fsdp is None:
+            return super()._load_best_model()
+        from ..distributed import load_training_state
+
+        load_training_state(self.model, None, self.state.best_model_checkpoint)  # weights only, into the shards
+
     def _load_optimizer_and_scheduler(self, checkpoint):
         if self._velotune_fsdp is None or checkpoint is None:
             return super()._load_optimizer_and_scheduler(checkpoint)
