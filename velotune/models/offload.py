@@ -15,6 +15,7 @@ than the machine has.
 """
 from __future__ import annotations
 
+import threading
 import time
 
 import torch
@@ -75,6 +76,7 @@ class PinnedPool:
 
     def __init__(self, register=_cuda_register, unregister=_cuda_unregister, meminfo=_meminfo):
         self.register, self.unregister, self.meminfo = register, unregister, meminfo
+        self.lock = threading.Lock()  # a lease may come back from another thread (its garbage collection)
         self.free: list = []  # (buffer, event)
         self.held_bytes = 0
         self.register_s = 0.0  # time spent page-locking (about 0.5 s per GB: a first step at a new length)
@@ -87,25 +89,28 @@ class PinnedPool:
 
     def take(self, shape, dtype: torch.dtype):
         need = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
-        fits = [(b, e) for b, e in self.free if b.numel() >= need]
+        with self.lock:
+            fits = [(b, e) for b, e in self.free if b.numel() >= need]
+            if fits:
+                buf, event = min(fits, key=lambda be: be[0].numel())
+                self.free = [(b, e) for b, e in self.free if b is not buf]
         if fits:
-            buf, event = min(fits, key=lambda be: be[0].numel())
-            self.free = [(b, e) for b, e in self.free if b is not buf]
             if event is not None:
                 event.synchronize()
         else:
             size = -(-max(need, 1) // _PAGE) * _PAGE
-            smaller = sum(b.numel() for b, _ in self.free)  # released below: they count as available
+            spare = sum(b.numel() for b, _ in self.free)  # released below: they count as available
             available, total = self.meminfo()
             reserve = max(HOST_RESERVE_GIB * 2**30, 0.05 * total)
-            if available >= 0 and available + smaller - size < reserve:
+            if available >= 0 and available + spare - size < reserve:
                 say_once("pinned-short", f"offloaded checkpointing: host memory is short ({available / 2**30:.1f} GiB "
                          f"available, {size / 2**30:.2f} GiB asked, {reserve / 2**30:.1f} GiB kept free), so some "
                          "layer inputs stay on the GPU (same results, more GPU memory). For longer sequences "
                          "use a machine with more host memory (about layers x tokens x hidden x 2 bytes)")
                 return None
-            self._release([(b, e) for b, e in self.free])
-            self.free = []
+            with self.lock:
+                smaller, self.free = self.free, []
+            self._release(smaller)
             raw = torch.empty(size + _PAGE, dtype=torch.uint8)
             off = -raw.data_ptr() % _PAGE
             buf = raw[off:off + size]  # whole pages of its own: page-locking touches no neighbour
@@ -119,7 +124,8 @@ class PinnedPool:
         return buf, buf[:need].view(dtype).view(tuple(shape))
 
     def give(self, buf: torch.Tensor, event=None) -> None:
-        self.free.append((buf, event))
+        with self.lock:
+            self.free.append((buf, event))
 
     def _release(self, entries) -> None:
         for buf, event in entries:
