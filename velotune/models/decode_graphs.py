@@ -8,8 +8,9 @@ device (transformers' StaticLayer: ``index_copy_`` at ``arange + cumulative_leng
 update), final norm and logits out - can be recorded once and replayed per token.
 
 :class:`DecodeGraph` holds the step's static inputs (hidden state of the new tokens, their positions, the
-attention masks) and its recorded output. The first decode step of a new key (batch, cache, adapters,
-RoPE tables, mask layout) runs eagerly and is then recorded, without running: recording launches
+attention masks) and its recorded output. The first decode step of a new key (batch, the addresses of
+the cache tensors, weights and RoPE tables, adapters, mask layout) runs eagerly and is then recorded, without
+running: recording launches
 nothing, so the cache is not written twice; every later step copies its inputs in and replays. The
 function recorded may read only its static inputs and tensors that live as long as the model or the
 cache (weights, RoPE tables, cache tensors): the CPU emulation (EMULATE_ON_CPU, tests) replays it from
@@ -41,6 +42,12 @@ def replayable_cache(cache) -> bool:
                                                                             torch.Tensor) for layer in layers)
 
 
+def cache_pointers(cache) -> tuple:
+    """Addresses of every tensor a recorded step reads or writes in ``cache`` (keys, values, lengths)."""
+    return tuple((layer.keys.data_ptr(), layer.values.data_ptr(), layer.cumulative_length.data_ptr(),
+                  tuple(layer.keys.shape), tuple(layer.values.shape)) for layer in cache.layers)
+
+
 def _static(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.detach().clone()
 
@@ -59,6 +66,9 @@ class DecodeGraph:
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph, pool=pool, stream=stream):
                 self.out = run(self.x, self.position_ids, self.masks)
+            # the graph keeps addresses, not objects: holding the function (and through it the cache of the
+            # recording call) would keep that cache alive and stop a later cache from landing where it was
+            self.run = None
 
     def __call__(self, x: torch.Tensor, position_ids: torch.Tensor, masks: dict) -> torch.Tensor:
         self.x.copy_(x)

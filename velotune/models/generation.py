@@ -126,10 +126,12 @@ def cached_forward(self, spec, input_ids, attention_mask, position_ids, past_key
 def _graphed_decode(model, run, layers, x, position_ids, masks, cache, cos, logits_to_keep):
     """A decode step through a recorded graph (models/decode_graphs.py): replayed when one was recorded for
     this key, else run eagerly and recorded for the next step."""
-    first = cache.layers[0]
-    key = (tuple(x.shape), x.dtype, str(x.device), tuple(position_ids.shape), id(cache), first.keys.data_ptr(),
-           cos.data_ptr(), decode_graphs.mask_layout(masks), logits_to_keep, torch.is_autocast_enabled(x.device.type),
-           _adapter_signature(model, layers))
+    # where everything the recorded step reads or writes lives: generate makes a new cache per call, often at
+    # the addresses of the last one (then the recording is reused); moved or re-loaded weights record again
+    memory = (decode_graphs.cache_pointers(cache), tuple(p.data_ptr() for layer in layers for p in layer.parameters()),
+              cos.data_ptr(), tuple(cos.shape))
+    key = (tuple(x.shape), x.dtype, str(x.device), tuple(position_ids.shape), memory, decode_graphs.mask_layout(masks),
+           logits_to_keep, torch.is_autocast_enabled(x.device.type), _adapter_signature(model, layers))
     entry = model.__dict__.get("_velotune_decode_graph")
     if entry is not None and entry[0] == key:
         return entry[1](x, position_ids, masks)
