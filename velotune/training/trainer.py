@@ -148,7 +148,8 @@ def _fsdp_request(args) -> Optional[dict]:
         value = cfg.get(name, os.environ.get(f"FSDP_{name.upper()}", default))
         return str(value).lower() in ("true", "1", "yes")
 
-    options = {str(getattr(o, "value", o)) for o in (fsdp if isinstance(fsdp, (list, tuple)) else str(fsdp or "").split())}
+    listed = fsdp if isinstance(fsdp, (list, tuple)) else str(fsdp or "").split()  # ["full_shard", "offload"]
+    options = {str(getattr(o, "value", o)) for o in listed}
     return {"reshard_after_forward": flag("reshard_after_forward", True),
             "cpu_offload": flag("cpu_offload", False) or "offload" in options,
             "activation_checkpointing": flag("activation_checkpointing", False),
