@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 from pathlib import Path
 from typing import Optional
@@ -188,6 +189,37 @@ def _keep_sharded(trainer, model) -> None:
     acc.prepare_model = prepare_model
 
 
+# TRL warns that packing without FlashAttention "may lead to cross-contamination between samples": true for
+# HF's SDPA forward, which ignores where packed examples start; velotune's forward keeps them apart (varlen
+# FlashAttention or a block-diagonal mask from position_ids; tests/test_packing.py). For velotune's known
+# families the warning is replaced by what does happen.
+_TRL_PACKING_WARNING = "cross-contamination between samples"
+
+
+class _DropTrlPackingWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return _TRL_PACKING_WARNING not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _packing_told_right(model, args):
+    """While TRL sets up: its packing warning left out for a model on velotune's fast forward, said right."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    fast = getattr(base, "__dict__", {}).get("_velotune_fast") or {}
+    if not (getattr(args, "packing", False) and fast.get("spec") is not None):
+        yield
+        return
+    log, drop = logging.getLogger("trl.trainer.sft_trainer"), _DropTrlPackingWarning()
+    log.addFilter(drop)
+    try:
+        yield
+    finally:
+        log.removeFilter(drop)
+    say_once("packing-apart", "packing: velotune's forward keeps packed examples apart (attention restarts at each "
+             "example's position 0), so TRL's cross-contamination warning for non-FlashAttention models does not "
+             "apply here")
+
+
 @contextlib.contextmanager
 def _accelerate_without_fsdp(active: bool):
     """While the Trainer builds its Accelerator: an accelerate FSDP config (ACCELERATE_USE_FSDP) must not make
@@ -267,7 +299,7 @@ class SFTTrainer(AtomicCheckpointMixin, trl.SFTTrainer):
             _one_process_one_gpu(args)
         if world().distributed:
             destroy_at_exit()
-        with _accelerate_without_fsdp(fsdp is not None):
+        with _accelerate_without_fsdp(fsdp is not None), _packing_told_right(model, args):
             super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                              eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
         if fsdp is not None:
