@@ -365,20 +365,28 @@ class _Run:
 
         e = self.cfg.export
         lora = (Path(e.dir).expanduser() if e.dir else self.out) / "lora"
-        fsdp_save_adapter(model, lora)
+        try:
+            fsdp_save_adapter(model, lora)
+            if world().is_main and tok is not None:
+                tok.save_pretrained(lora)
+        except (ValueError, OSError) as err:  # VelotuneError is a ValueError
+            self._status("export failed", f"export lora: {err} (the trained weights are in the last checkpoint)")
+            return 1
         if not world().is_main:
             return 0
-        if tok is not None:
-            tok.save_pretrained(lora)
-        if e.methods == ["lora"]:
-            self.report["outputs"] = {"lora": str(lora)}
+        self.report["outputs"] = {"lora": str(lora)}
+        if all(m == "lora" for m in e.methods):
             return 0
         from ..api import FastLanguageModel
 
-        one, tok1 = FastLanguageModel.from_pretrained(str(lora), max_seq_length=self.cfg.model.max_seq_length,
-                                                      load_in_4bit=self.cfg.model.load_in_4bit)
+        try:
+            one, tok1 = FastLanguageModel.from_pretrained(str(lora), max_seq_length=self.cfg.model.max_seq_length,
+                                                          load_in_4bit=self.cfg.model.load_in_4bit)
+        except (ValueError, OSError) as err:
+            self._status("export failed", f"loading the adapter {lora} for the other exports: {err}")
+            return 1
         code = self._export(one, tok1, skip=("lora",))
-        self.report["outputs"] = {"lora": str(lora), **self.report.get("outputs", {})}
+        self.report["outputs"] = {"lora": str(lora), **self.report["outputs"]}
         return code
 
     def _finish(self, trainer) -> None:
