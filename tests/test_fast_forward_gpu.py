@@ -216,10 +216,9 @@ def _assert_runs_agree(runs):
         assert _rel(w_g[n], w_e[n]) < 2e-2, (n, _rel(w_g[n], w_e[n]))
 
 
-@pytest.mark.parametrize("load_in_4bit", [False, True], ids=["fp32", "4bit-fp32-compute"])
-def test_generation_matches_hf(tmp_path, monkeypatch, load_in_4bit):
-    """The cached generation path (models/generation.py) with the compiled kernels: greedy tokens equal
-    HF's forward in fp32 (left-padded batch of two). When this passes, set generation.DECODE_ON_CUDA = True."""
+def _generation_model(tmp_path, monkeypatch, load_in_4bit):
+    """A tiny Llama with a LoRA adapter that changes its outputs, switched to generation, with velotune's
+    generation path on for CUDA (off there by default until these tests pass)."""
     from velotune.models import generation
 
     monkeypatch.setattr(generation, "DECODE_ON_CUDA", True)
@@ -229,6 +228,14 @@ def test_generation_matches_hf(tmp_path, monkeypatch, load_in_4bit):
     model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16)
     randomize_lora_b(model, seed=5, std=0.5)
     FastLanguageModel.for_inference(model)
+    return model, tok
+
+
+@pytest.mark.parametrize("load_in_4bit", [False, True], ids=["fp32", "4bit-fp32-compute"])
+def test_generation_matches_hf(tmp_path, monkeypatch, load_in_4bit):
+    """The cached generation path (models/generation.py) with the compiled kernels: greedy tokens equal
+    HF's forward in fp32 (left-padded batch of two). When this passes, set generation.DECODE_ON_CUDA = True."""
+    model, tok = _generation_model(tmp_path, monkeypatch, load_in_4bit)
     enc = tok(["The capital of France is", "Add the two numbers: 12 and 30. The answer"], return_tensors="pt",
               padding=True).to("cuda")
     outs = {}
@@ -243,15 +250,7 @@ def test_recorded_decode_matches_hf(tmp_path, monkeypatch, load_in_4bit):
     """Decode steps recorded as CUDA graphs (models/decode_graphs.py) with a static cache: greedy tokens equal
     HF's forward with the same cache, over two generate calls (the second replays the first's graph on the
     reset cache), and the graph was recorded, not skipped after a failed capture."""
-    from velotune.models import generation
-
-    monkeypatch.setattr(generation, "DECODE_ON_CUDA", True)
-    path = _make("llama", tmp_path)
-    model, tok = FastLanguageModel.from_pretrained(path, dtype=torch.float32, load_in_4bit=load_in_4bit,
-                                                   max_seq_length=1024)
-    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16)
-    randomize_lora_b(model, seed=5, std=0.5)
-    FastLanguageModel.for_inference(model)
+    model, tok = _generation_model(tmp_path, monkeypatch, load_in_4bit)
     base = model.get_base_model()
     for prompts in (["The capital of France is", "Add the two numbers: 12 and 30. The answer"],
                     ["Write a haiku about the sea.", "Count: one, two,"]):

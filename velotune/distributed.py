@@ -366,7 +366,8 @@ def fsdp_load_checkpoint(model, optimizer, folder) -> dict:
     if _dist() is None:
         raise VelotuneError("fsdp_load_checkpoint is for a sharded model under torchrun")
     folder = Path(folder)
-    if not (folder / _STATE).is_file() or not has_training_state(folder):
-        raise VelotuneError(f"{folder} is not a checkpoint of fsdp_save_checkpoint; pass the folder it wrote")
+    if not (folder / _STATE).is_file():  # the rest of the folder is checked where it is read
+        raise VelotuneError(f"{folder} is not a checkpoint of fsdp_save_checkpoint (no {_STATE}); pass the folder "
+                            "it wrote")
     load_training_state(model, optimizer, folder)
     return json.loads((folder / _STATE).read_text())
