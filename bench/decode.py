@@ -44,7 +44,9 @@ def one_peer(args) -> dict:
         from velotune import FastLanguageModel
         from velotune.models import decode_graphs, generation
 
-        generation.DECODE_ON_CUDA = True  # the generation path (off on CUDA until it wins here): measured on
+        # velotune: the generation path eagerly over a dynamic cache (on CUDA only recorded steps take it by
+        # default: generation.DECODE_ON_CUDA); velotune_graphs: the defaults (static cache, steps recorded)
+        generation.EAGER_DECODE_ON_CUDA = args.peer == "velotune"
         decode_graphs.ENABLED = args.peer == "velotune_graphs"
         model, _ = FastLanguageModel.from_pretrained(args.ckpt, max_seq_length=2048, dtype=torch.bfloat16,
                                                      load_in_4bit=True)

@@ -3,6 +3,8 @@
     python bench/gguf_quant.py                       # every type on CPU (and CUDA when present)
     python bench/gguf_quant.py --types q4_k q8_0 --rows 1024
     python bench/gguf_quant.py --export-8b /tmp/out  # Llama-3.1-8B shapes, random bf16, q4_k_m
+    python bench/gguf_quant.py --types --export-model CKPT --tokenizer TOKDIR --export-8b /tmp/out
+        # end to end as a user runs it: CKPT loaded in 4 bits, a LoRA adapter, save_pretrained_gguf timed
 
 Each row is one JSON line (append them to a results file with ``--append FILE``). When
 llama-cpp-python is installed, ggml's own reference quantizer (``ggml_quantize_chunk``, one thread,
@@ -137,6 +139,42 @@ def export_8b(out_dir: str, method: str, device: str, shape: dict = LLAMA31_8B) 
     return row
 
 
+def export_model(ckpt: str, tokenizer_dir: str, out_dir: str, method: str) -> dict:
+    """The user's last step, timed: ``model.save_pretrained_gguf`` of a QLoRA model (4-bit base + r16 adapter
+    on 7 targets, B non-zero so the merge is real work) loaded from ``ckpt``; the tokenizer from ``tokenizer_dir``
+    (any BPE llama.cpp knows; ids past its vocab are written as padding, as llama.cpp's converter does)."""
+    from transformers import AutoTokenizer
+
+    from velotune import FastLanguageModel
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, _ = FastLanguageModel.from_pretrained(ckpt, max_seq_length=2048, dtype=torch.bfloat16,
+                                                 load_in_4bit=device == "cuda")
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 1e-3)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    _sync(device)
+    t = time.perf_counter()
+    paths = model.save_pretrained_gguf(out_dir, tok, quantization_method=method)
+    _sync(device)
+    dt = time.perf_counter() - t
+    cfg = model.config
+    row = {"bench": "gguf_export_qlora", "method": method, "device": device, "card": _card(device),
+           "shape": {k: getattr(cfg, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                  "vocab_size")},
+           "base": "nf4 4-bit" if device == "cuda" else "bf16", "lora": "r16 a16, 7 targets",
+           "seconds": round(dt, 1), "file_gib": round(paths[0].stat().st_size / 2**30, 2),
+           "torch": torch.__version__, "commit": _commit()}
+    for p in paths:
+        p.unlink()
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--types", nargs="*", default=TYPES)
@@ -147,14 +185,21 @@ def main() -> None:
     ap.add_argument("--export-8b", metavar="DIR", help="also time a q4_k_m export of an 8B-shape model into DIR")
     ap.add_argument("--method", default="q4_k_m")
     ap.add_argument("--smoke", action="store_true", help="export a small Llama shape instead of 8B (checks the path)")
+    ap.add_argument("--export-model", metavar="CKPT", help="with --export-8b DIR: time save_pretrained_gguf of CKPT "
+                    "loaded as QLoRA (4-bit on CUDA) with an r16 adapter, into DIR")
+    ap.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder for --export-model")
     ap.add_argument("--append", metavar="FILE", help="append the JSON rows to FILE")
     args = ap.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     rows = bench_types(args.types, args.rows, args.cols, args.repeat, args.devices)
     if args.export_8b:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+        Path(args.export_8b).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=args.export_8b) as d:
-            rows.append(export_8b(d, args.method, device, SMOKE if args.smoke else LLAMA31_8B))
+            if args.export_model:
+                rows.append(export_model(args.export_model, args.tokenizer or args.export_model, d, args.method))
+            else:
+                rows.append(export_8b(d, args.method, device, SMOKE if args.smoke else LLAMA31_8B))
     if args.append:
         with open(args.append, "a", encoding="utf-8") as f:
             for r in rows:

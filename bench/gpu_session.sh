@@ -2,13 +2,14 @@
 # One device call that validates and measures everything GPU-side (run from the repo root on the GPU
 # machine; results land in $OUT). Ordered by importance, each step time-boxed, so a cut-short call
 # still returns the first answers.
-#   OUT=/tmp/out bash bench/gpu_session.sh [tests|new|train1b|train8b|packing|decode|all|long|probe|ddp|gguf]
+#   OUT=/tmp/out bash bench/gpu_session.sh [tests|new|train1b|train8b|packing|decode|all|long|probe|ddp|gguf]...
+# (several stages run in the order given)
 set -u
 OUT=${OUT:-/tmp/velotune-gpu}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD/.gpu-site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-what=${1:-all}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/card.txt"
+for what in "${@:-all}"; do
 if [[ $what == tests || $what == all ]]; then
   # the GPU tests, new ones first: graphs, offload, generation, Gemma-2, then the rest
   timeout 240 python -m pytest -q -p no:cacheprovider -m gpu tests/test_fast_forward_gpu.py 2>&1 | tail -15 | tee "$OUT/tests-ff.txt"
@@ -45,10 +46,16 @@ if [[ $what == ddp ]]; then  # a multi-GPU machine (kind nvidia-h100-x2): 1 vs G
     --results "$OUT/ddp_scaling.jsonl" --workdir /tmp/vb 2>&1 | grep "\[ddp\]" | tee -a "$OUT/ddp.txt"
 fi
 if [[ $what == gguf ]]; then  # issue #5: q4_k_m of an 8B-shape model end to end (target <= 2 min on the GPU)
-  timeout 400 python bench/gguf_quant.py --devices cuda --export-8b /tmp/vb/gguf8b --append "$OUT/gguf_quant.jsonl" 2>&1 \
+  timeout 200 python bench/gguf_quant.py --devices cuda --export-8b /tmp/vb/gguf8b --append "$OUT/gguf_quant.jsonl" 2>&1 \
     | tail -5 | tee "$OUT/gguf.txt"
+  # end to end as the user does it: the 8B-shape checkpoint in 4 bits + an r16 adapter -> save_pretrained_gguf
+  python -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; from run_train_step import make_checkpoint
+make_checkpoint('8b', Path('/tmp/vb/llama-8b'))"
+  timeout 300 python bench/gguf_quant.py --types --export-model /tmp/vb/llama-8b --tokenizer .gpu-fixtures/smollm2-arch \
+    --export-8b /tmp/vb/gguf8b --append "$OUT/gguf_quant.jsonl" 2>&1 | tail -3 | tee -a "$OUT/gguf.txt"
 fi
 if [[ $what == decode || $what == all ]]; then
-  timeout 420 python bench/decode.py --shapes 8b --peers ${PEERS:-velotune_graphs velotune hf unsloth hf_static} --results "$OUT/decode.jsonl" \
+  timeout 420 python bench/decode.py --shapes 8b --peers ${PEERS:-velotune_graphs velotune hf unsloth hf_static} --new ${NEW:-256} --results "$OUT/decode.jsonl" \
     --workdir /tmp/vb 2>&1 | grep "\[decode\]" | tee "$OUT/decode.txt"
 fi
+done

@@ -218,10 +218,10 @@ def _assert_runs_agree(runs):
 
 def _generation_model(tmp_path, monkeypatch, load_in_4bit):
     """A tiny Llama with a LoRA adapter that changes its outputs, switched to generation, with velotune's
-    generation path on for CUDA (off there by default until these tests pass)."""
+    generation path on for every CUDA cache (by default only recorded decode steps take it there)."""
     from velotune.models import generation
 
-    monkeypatch.setattr(generation, "DECODE_ON_CUDA", True)
+    monkeypatch.setattr(generation, "EAGER_DECODE_ON_CUDA", True)
     path = _make("llama", tmp_path)
     model, tok = FastLanguageModel.from_pretrained(path, dtype=torch.float32, load_in_4bit=load_in_4bit,
                                                    max_seq_length=1024)
@@ -234,33 +234,37 @@ def _generation_model(tmp_path, monkeypatch, load_in_4bit):
 @pytest.mark.parametrize("load_in_4bit", [False, True], ids=["fp32", "4bit-fp32-compute"])
 def test_generation_matches_hf(tmp_path, monkeypatch, load_in_4bit):
     """The cached generation path (models/generation.py) with the compiled kernels: greedy tokens equal
-    HF's forward in fp32 (left-padded batch of two). When this passes, set generation.DECODE_ON_CUDA = True."""
+    HF's forward in fp32 (left-padded batch of two), eagerly over a dynamic cache."""
     model, tok = _generation_model(tmp_path, monkeypatch, load_in_4bit)
     enc = tok(["The capital of France is", "Add the two numbers: 12 and 30. The answer"], return_tensors="pt",
               padding=True).to("cuda")
     outs = {}
     for fast in (False, True):
         set_fast_forward(model, fast)
-        outs[fast] = model.generate(**enc, max_new_tokens=24, do_sample=False)
+        outs[fast] = model.generate(**enc, max_new_tokens=24, do_sample=False, cache_implementation="dynamic")
     assert torch.equal(outs[True], outs[False])
 
 
 @pytest.mark.parametrize("load_in_4bit", [False, True], ids=["fp32", "4bit-fp32-compute"])
 def test_recorded_decode_matches_hf(tmp_path, monkeypatch, load_in_4bit):
-    """Decode steps recorded as CUDA graphs (models/decode_graphs.py) with a static cache: greedy tokens equal
+    """Decode steps recorded as CUDA graphs (models/decode_graphs.py) with the static cache for_inference makes
+    generate's default, by default settings: greedy tokens equal
     HF's forward with the same cache, over two generate calls (the second replays the first's graph on the
     reset cache), and the graph was recorded, not skipped after a failed capture."""
+    from velotune.models import generation
+
     model, tok = _generation_model(tmp_path, monkeypatch, load_in_4bit)
     base = model.get_base_model()
+    monkeypatch.setattr(generation, "EAGER_DECODE_ON_CUDA", False)  # the default: only recorded steps
     for prompts in (["The capital of France is", "Add the two numbers: 12 and 30. The answer"],
                     ["Write a haiku about the sea.", "Count: one, two,"]):
         enc = tok(prompts, return_tensors="pt", padding=True).to("cuda")
         outs = {}
         for fast in (False, True):
             set_fast_forward(model, fast)
-            outs[fast] = model.generate(**enc, max_new_tokens=24, do_sample=False, cache_implementation="static",
-                                        disable_compile=True)
+            outs[fast] = model.generate(**enc, max_new_tokens=24, do_sample=False)  # for_inference: static cache
         assert torch.equal(outs[True], outs[False])
+    assert model.generation_config.cache_implementation == "static"
     assert base.__dict__.get("_velotune_decode_broken") is None
     assert "_velotune_decode_graph" in base.__dict__
 

@@ -25,7 +25,7 @@ from typing import Callable, Optional
 import torch
 
 # Record decode steps where the generation path runs with a static cache (on CUDA the generation path
-# itself is gated by generation.DECODE_ON_CUDA until it beats HF's decode in bench/decode.py).
+# runs only for such caches: generation.DECODE_ON_CUDA).
 ENABLED = True
 # Tests set this to emulate the graph on CPU: "recording" keeps the function, a replay runs it again on the
 # static inputs.

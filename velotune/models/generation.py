@@ -19,24 +19,28 @@ from .decoder import _adapter_signature, _ids_call, _layer, _loss_or_logits, _no
 from .registry import activation_of
 
 # The generation path (a KV cache: HF generate's calls): greedy outputs equal HF's (tests/test_decode.py
-# on CPU; tests/test_fast_forward_gpu.py::test_generation_matches_hf passed on an H200, 2026-11-28).
-# Off on CUDA: correct there, but not faster yet (bench/decode.py, 8B shape 4-bit, H200, 2026-11-28:
-# 7.2 tok/s at batch 1 and 55.4 at batch 8 vs HF's forward 8.6 and 57.6: decoding is bound by the host's
-# per-token launches, and batch 1 dequantises whole weights where bitsandbytes runs a 4-bit GEMV).
-# Turn on when a change makes it faster in that benchmark: decode steps recorded as CUDA graphs over a static
-# cache (models/decode_graphs.py; for_inference then makes the static cache generate's default) are
-# written and tested on CPU by emulation; their GPU test (test_recorded_decode_matches_hf) and the
-# velotune_graphs peer of bench/decode.py have not run yet.
-DECODE_ON_CUDA = False
+# on CPU; tests/test_fast_forward_gpu.py::test_generation_matches_hf and ::test_recorded_decode_matches_hf
+# passed on an H200, 2026-11-28).
+# On CUDA it runs where its decode steps are recorded as CUDA graphs (a static cache every layer of which
+# counts on the device; for_inference makes that generate's default): bench/decode.py, 8B shape 4-bit + r16
+# adapter, H200, 2026-11-28, one run: 34.9 tok/s at batch 1 and 230 at batch 8, vs Unsloth's for_inference
+# 20.0 / 166, HF generate 8.5 / 54.1, HF static cache + torch.compile 11.7 / 79.3.
+# Eagerly (a dynamic cache, sliding-window static layers, graphs off) it is slower than HF's forward there
+# (6.9 / 62.7 tok/s in that run: host-bound per-token launches, and batch 1 dequantises whole weights where
+# bitsandbytes runs a 4-bit GEMV), so those calls take HF's forward unless EAGER_DECODE_ON_CUDA is set.
+DECODE_ON_CUDA = True
+EAGER_DECODE_ON_CUDA = False
 
 
 def decode_call(model, call) -> bool:
-    """A call the cached generation path takes: known family, input ids, a KV cache wanted or given."""
+    """A call the cached generation path takes: known family, input ids, a KV cache wanted or given (on CUDA:
+    a cache whose decode steps are recorded, see DECODE_ON_CUDA)."""
     if not _ids_call(model, call) or model.__dict__["_velotune_fast"]["spec"] is None:
         return False
     if call.get("past_key_values") is None and not call.get("use_cache"):
         return False
-    if call["input_ids"].is_cuda and not DECODE_ON_CUDA:
+    if call["input_ids"].is_cuda and not (EAGER_DECODE_ON_CUDA or (
+            DECODE_ON_CUDA and decode_graphs.ENABLED and decode_graphs.replayable_cache(call.get("past_key_values")))):
         return False
     extra = set(call) - {"input_ids", "attention_mask", "position_ids", "past_key_values", "inputs_embeds",
                          "use_cache", "return_dict", "output_attentions", "output_hidden_states", "cache_position"}
