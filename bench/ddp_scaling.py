@@ -90,9 +90,9 @@ def rank_run(args) -> dict:
         opt.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize()
-        dt = torch.tensor([time.perf_counter() - t0])
+        dt = torch.tensor([time.perf_counter() - t0], device=dev)  # NCCL reduces device tensors only
         dist.all_reduce(dt, op=dist.ReduceOp.MAX)  # the step ends when the slowest rank is done
-        total = loss.detach().float().reshape(1).cpu()
+        total = loss.detach().float().reshape(1)
         dist.all_reduce(total)
         losses.append(total.item() / world)
         if i >= args.warmup:

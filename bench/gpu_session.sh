@@ -40,9 +40,9 @@ if [[ $what == probe ]]; then  # long context, 2 of the 8B layers: working memor
     | grep "\[long\]" | tee "$OUT/probe.txt"
 fi
 if [[ $what == ddp ]]; then  # a multi-GPU machine (kind nvidia-h100-x2): 1 vs GPUS ranks, DDP then FSDP2
-  timeout 400 python bench/ddp_scaling.py --shape 8b --gpus ${GPUS:-2} --timeout 190 --results "$OUT/ddp_scaling.jsonl" \
+  timeout 260 python bench/ddp_scaling.py --shape 8b --gpus ${GPUS:-2} --timeout 120 --results "$OUT/ddp_scaling.jsonl" \
     --workdir /tmp/vb 2>&1 | grep "\[ddp\]" | tee "$OUT/ddp.txt"
-  timeout 180 python bench/ddp_scaling.py --shape 8b --gpus ${GPUS:-2} --mode fsdp --timeout 85 \
+  timeout 200 python bench/ddp_scaling.py --shape 8b --gpus ${GPUS:-2} --mode fsdp --timeout 95 --warmup 2 --steps 6 \
     --results "$OUT/ddp_scaling.jsonl" --workdir /tmp/vb 2>&1 | grep "\[ddp\]" | tee -a "$OUT/ddp.txt"
 fi
 if [[ $what == gguf ]]; then  # issue #5: q4_k_m of an 8B-shape model end to end (target <= 2 min on the GPU)

@@ -659,3 +659,35 @@ def test_fsdp_request_from_arguments_and_accelerate_config(monkeypatch):
     with T._accelerate_without_fsdp(True):  # the Trainer's Accelerator must not shard again
         assert os.environ["ACCELERATE_USE_FSDP"] == "false"
     assert os.environ["ACCELERATE_USE_FSDP"] == "true"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_float_storage_4bit_keeps_bytes_and_outputs(tiny_dir, dtype):
+    """fsdp_shard re-views 4-bit storage as the compute dtype (FSDP2 on torch < 2.13 refuses integer
+    parameters): the same bytes, and the same logits on velotune's fast path and on bitsandbytes' own."""
+    from tests.tiny_models import randomize_lora_b
+    from velotune import FastLanguageModel
+    from velotune.distributed import float_storage_4bit
+    from velotune.models import set_fast_forward
+
+    model, _ = FastLanguageModel.from_pretrained(tiny_dir("llama"), max_seq_length=64, load_in_4bit=True, dtype=dtype)
+    model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, random_state=3)
+    randomize_lora_b(model, seed=1, std=0.1)
+    ids = torch.randint(4, 500, (2, 17), generator=torch.Generator().manual_seed(0))
+    weights = {n: p for n, p in model.named_parameters() if p.dtype == torch.uint8}
+    before = {n: p.detach().clone() for n, p in weights.items()}
+    logits = {}
+    with torch.no_grad():
+        for fast in (True, False):
+            set_fast_forward(model, fast)
+            logits[fast] = model(input_ids=ids).logits
+    assert float_storage_4bit(model) == len(weights) > 0
+    assert float_storage_4bit(model) == 0  # already float
+    for n, p in model.named_parameters():
+        if n in before:
+            assert p.dtype == dtype and p.quant_storage == dtype
+            assert torch.equal(p.detach().reshape(-1).view(torch.uint8), before[n].reshape(-1))
+    with torch.no_grad():
+        for fast in (True, False):
+            set_fast_forward(model, fast)
+            assert torch.equal(model(input_ids=ids).logits, logits[fast]), fast

@@ -207,6 +207,7 @@ def fsdp_shard(model, mesh=None, reshard_after_forward: bool = True):
     if layers is None or "_velotune_fast" not in base.__dict__:
         raise VelotuneError("fsdp_shard takes a model loaded with FastLanguageModel.from_pretrained (a decoder "
                             "with model.layers)")
+    float_storage_4bit(base)
     if mesh is None:
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -216,6 +217,33 @@ def fsdp_shard(model, mesh=None, reshard_after_forward: bool = True):
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
     return model
+
+
+def float_storage_4bit(model) -> int:
+    """Re-view every bitsandbytes 4-bit weight's packed uint8 storage as its compute dtype (the same bytes;
+    bitsandbytes' ``quant_storage``, the field's FSDP-QLoRA layout): FSDP2 makes each sharded parameter an
+    ``nn.Parameter`` of its storage dtype, which torch < 2.13 does with requires_grad=True, refused for
+    integer tensors. Returns how many weights changed. velotune's kernels and bitsandbytes read the bytes
+    whatever the storage dtype."""
+    import torch
+
+    from ._layers import is_4bit
+
+    changed = 0
+    for mod in model.modules():
+        w = getattr(mod, "weight", None)
+        if w is None or not is_4bit(w) or w.dtype.is_floating_point:
+            continue
+        qs = getattr(w, "quant_state", None) or getattr(mod, "quant_state", None)
+        dtype = qs.dtype if qs is not None and qs.dtype.is_floating_point else torch.bfloat16
+        if w.numel() % dtype.itemsize or not w.is_contiguous():
+            raise VelotuneError(f"a 4-bit weight of {type(mod).__name__} has {w.numel()} packed bytes, which "
+                                f"cannot be stored as {dtype} for FSDP; load the model with "
+                                f"BitsAndBytesConfig(bnb_4bit_quant_storage={dtype})")
+        w.data = w.data.reshape(-1).view(dtype).reshape(-1, 1)
+        w.quant_storage = dtype
+        changed += 1
+    return changed
 
 
 def fsdp_save_adapter(model, save_directory, **kwargs) -> None:
