@@ -50,7 +50,7 @@ def rank_run(args) -> dict:
     model, _ = FastLanguageModel.from_pretrained(args.ckpt, max_seq_length=args.seq, dtype=dtype, load_in_4bit=cuda)
     model = FastLanguageModel.get_peft_model(model, r=16, target_modules=TARGETS, lora_alpha=16, lora_dropout=0,
                                              bias="none", use_gradient_checkpointing="unsloth", random_state=3407)
-    set_cuda_graphs(model, "auto")
+    set_cuda_graphs(model, {"auto": "auto", "off": False}[args.graphs])
     model.train()
     vocab = model.config.vocab_size
     dev = torch.device("cuda", local) if cuda else torch.device("cpu")
@@ -77,7 +77,13 @@ def rank_run(args) -> dict:
     times, losses = [], []
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    for i in range(args.warmup + args.steps):
+    profile = None
+    for i in range(args.warmup + args.steps + int(args.profile)):
+        prof = None
+        if i == args.warmup + args.steps:  # one more step, profiled (not timed)
+            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + (
+                [torch.profiler.ProfilerActivity.CUDA] if cuda else []))
+            prof.__enter__()
         ids = torch.randint(0, vocab, (args.bs, args.seq), device=dev, generator=g)
         if cuda:
             torch.cuda.synchronize()
@@ -94,6 +100,12 @@ def rank_run(args) -> dict:
         dist.all_reduce(dt, op=dist.ReduceOp.MAX)  # the step ends when the slowest rank is done
         total = loss.detach().float().reshape(1)
         dist.all_reduce(total)
+        if prof is not None:
+            prof.__exit__(None, None, None)
+            avg = prof.key_averages()
+            profile = "\n".join(avg.table(sort_by=key, row_limit=18, max_name_column_width=60)
+                                for key in (["cuda_time_total"] if cuda else []) + ["cpu_time_total"])
+            continue
         losses.append(total.item() / world)
         if i >= args.warmup:
             times.append(dt.item())
@@ -102,7 +114,11 @@ def rank_run(args) -> dict:
            "tokens_per_s": round(world * args.bs * args.seq / med, 1), "optimizer": optim_name,
            "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3) if cuda else None,
-           "losses": [round(x, 5) for x in losses[:5]], "step_times_s": [round(t, 4) for t in times]}
+           "losses": [round(x, 5) for x in losses[:5]], "step_times_s": [round(t, 4) for t in times],
+           "graphs": args.graphs,
+           "peer_access": torch.cuda.can_device_access_peer(0, 1) if cuda and torch.cuda.device_count() > 1 else None}
+    if profile is not None:
+        row["profile"] = profile
     dist.barrier()
     dist.destroy_process_group()
     return row if rank == 0 else {}
@@ -121,6 +137,9 @@ def main() -> int:
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--graphs", default="auto", choices=["auto", "off"], help="set_cuda_graphs mode")
+    p.add_argument("--profile", action="store_true", help="profile one more step (rank 0's table in the row)")
+    p.add_argument("--worlds", type=int, nargs="+", help="world sizes to run (default: 1 and --gpus)")
     p.add_argument("--results")
     p.add_argument("--timeout", type=int, default=300, help="seconds per world size")
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "velotune-bench"))
@@ -145,12 +164,13 @@ def main() -> int:
     run_id = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     vers = versions()
     rows = []
-    for world in (1, args.gpus):
+    for world in args.worlds or (1, args.gpus):
         out = work / f"ddp-{args.shape}-{args.mode}-{world}.json"
         out.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", __file__,
                "--rank-child", "--ckpt", str(ckpt), "--json", str(out), "--mode", args.mode, "--device", args.device,
-               "--bs", str(args.bs), "--seq", str(args.seq), "--warmup", str(args.warmup), "--steps", str(args.steps)]
+               "--bs", str(args.bs), "--seq", str(args.seq), "--warmup", str(args.warmup), "--steps", str(args.steps),
+               "--graphs", args.graphs] + (["--profile"] if args.profile else [])
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
         try:
             subprocess.run(cmd, timeout=args.timeout, check=False, env=env)
@@ -160,9 +180,11 @@ def main() -> int:
         row.update(run_id=run_id, bench="ddp_scaling", shape=f"llama-{args.shape}", card=card, world=world,
                    batch_per_rank=args.bs, seq=args.seq, lora="r16 a16, 7 targets", gc="unsloth", versions=vers)
         rows.append(row)
-        print(f"[ddp] {args.mode} world {world}: {json.dumps({k: row.get(k) for k in ('tokens_per_s', 'median_step_s', 'peak_reserved_gib', 'losses', 'error')})}", flush=True)
+        if row.get("profile"):
+            print(f"[ddp] {args.mode} world {world} profile (rank 0, one step):\n{row['profile']}", flush=True)
+        print(f"[ddp] {args.mode} world {world}: {json.dumps({k: row.get(k) for k in ('tokens_per_s', 'median_step_s', 'peak_reserved_gib', 'losses', 'peer_access', 'error')})}", flush=True)
     one, many = rows[0].get("tokens_per_s"), rows[-1].get("tokens_per_s")
-    if one and many:
+    if one and many and len(rows) > 1 and rows[0]["world"] == 1:
         rows[-1]["efficiency"] = round(many / one, 3)
         print(f"[ddp] {args.mode}: {args.gpus} ranks = {many / one:.2f}x one", flush=True)
     with open(args.results, "a") as f:

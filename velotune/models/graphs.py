@@ -43,6 +43,7 @@ replaced by new tensors (e.g. loading another adapter) are detected and the grap
 from __future__ import annotations
 
 import collections
+import gc
 import math
 import time
 from typing import Optional
@@ -88,7 +89,7 @@ class _Replay:
             fn()
             return
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode=CAPTURE_ERROR_MODE):
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode=capture_error_mode()):
             fn()
 
     def replay(self) -> None:
@@ -96,6 +97,18 @@ class _Replay:
             self.graph.replay()
         else:
             self.fn()
+
+
+def capture_error_mode() -> str:
+    """CAPTURE_ERROR_MODE, except "thread_local" in a process of a multi-process group: there other threads
+    call CUDA while a step is captured (the NCCL watchdog queries the events of collectives DDP launched
+    before the capture), which "global" counts against the capture (an 8B QLoRA step under DDP on
+    2 x H200, 2026-11-28: cudaErrorStreamCaptureInvalidated while capturing a layer's backward)."""
+    import torch.distributed as dist
+
+    if CAPTURE_ERROR_MODE == "global" and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return "thread_local"
+    return CAPTURE_ERROR_MODE
 
 
 def _capture(fn, pool, emulate: bool, what: str) -> _Replay:
@@ -412,6 +425,19 @@ class _State:
         self.__init__(state["mode"])
 
 
+def _release(st: _State) -> None:
+    """Give back what the graphs held (sets, shared buffers, the pool) once they will not run again: a
+    failed capture otherwise keeps its buffers and pool reserved for the rest of the run (18 GiB on
+    the 8B step)."""
+    for gs in st.sets.values():
+        gs.close()
+    st.sets.clear()
+    st.arena, st.pool = _Arena(), None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def state_of(model) -> _State:
     """The model's graph state (mode, captured sets); created on first use."""
     st = model.__dict__.get("_velotune_graphs")
@@ -512,6 +538,8 @@ def run_stack(model, layers, x: torch.Tensor, make_run_layer, key_extra=(), chec
             st.broken = f"{type(e).__name__}: {e}"
             say(f"CUDA graphs could not be captured ({st.broken[:300]}); training continues without them "
                 "(same numerics, slower). Please report this with `velotune env`.")
+        if st.broken is not None:  # outside the except: its traceback held the failed set's buffers
+            _release(st)
             return None
         st.captures += 1
         for k in [k for k, other in st.sets.items() if other.arena_generation != st.arena.generation]:
