@@ -190,13 +190,16 @@ def test_long_context_paths_train_like_eager(tmp_path, monkeypatch, host_short):
         assert len(pool.free) == 3 and pool.held_bytes == 3 * 2 * 512 * 512 * 2  # 3 layers' [2, 512, 512] bf16
 
 
-def _four_steps(model, batch):
+def _four_steps(model, batch, before_step=None):
     """Losses and final trainable weights of 4 AdamW steps under bf16 autocast; ``batch(step, ids)`` turns
-    the step's random [2, 512] ids (the same for every run) into the model's keywords."""
+    the step's random [2, 512] ids (the same for every run) into the model's keywords; ``before_step(step)``
+    runs first in each step (the previous step's loss is still referenced then)."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     gen = torch.Generator(device="cuda").manual_seed(3)
     losses = []
     for step in range(4):
+        if before_step is not None:
+            before_step(step)
         ids = torch.randint(3, 500, (2, 512), device="cuda", generator=gen)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model(**batch(step, ids)).loss
@@ -205,6 +208,44 @@ def _four_steps(model, batch):
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
     return losses, {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_cuda_graphs_capture_after_eager_step_and_under_ddp(tmp_path):
+    """Two cases where the recorded backward once failed to capture ("operation failed due to a previous
+    error during capture", then eager): a capture at the second step while the first step's loss is still
+    referenced, and a model wrapped in DistributedDataParallel (which keeps every parameter's AccumulateGrad
+    node from wrapping on; 8B step on 2 x H200). Both now capture and train like eager."""
+    import torch.distributed as dist
+
+    from velotune import set_cuda_graphs
+    from velotune.models import graphs
+
+    path = _make("llama", tmp_path)
+    plain = lambda step, ids: dict(input_ids=ids, labels=ids)  # noqa: E731
+    runs = {}
+    for mode in (False, True):
+        model = _lora(path, load_in_4bit=True, gc="unsloth")
+        set_cuda_graphs(model, False)
+        runs[mode] = _four_steps(model, plain, lambda step, m=model: step == 1 and set_cuda_graphs(m, mode))
+        st = graphs.state_of(model.get_base_model())
+        assert (st.captures, st.broken) == (int(mode), None), st.broken
+        del model
+    _assert_runs_agree(runs)
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        runs = {}
+        for mode in (False, True):
+            model = _lora(path, load_in_4bit=True, gc="unsloth")
+            set_cuda_graphs(model, mode)
+            net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[0])
+            runs[mode] = _four_steps(net, plain)
+            st = graphs.state_of(model.get_base_model())
+            assert (st.captures, st.broken) == (int(mode), None), st.broken
+            del net, model
+        _assert_runs_agree(runs)
+    finally:
+        dist.destroy_process_group()
 
 
 def _assert_runs_agree(runs):

@@ -356,14 +356,3 @@ def test_failed_capture_releases_buffers_and_trains_eagerly(tiny_dir, emulate, m
     torch.testing.assert_close(loss_g, loss_e, rtol=1e-5, atol=1e-6)
     assert _captures(graphed) == 1
 
-
-def test_capture_mode_thread_local_under_process_group(monkeypatch):
-    """In a multi-process group other threads (NCCL's watchdog) call CUDA during captures: "thread_local"."""
-    import torch.distributed as dist
-
-    assert graphs.capture_error_mode() == graphs.CAPTURE_ERROR_MODE == "global"
-    monkeypatch.setattr(dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
-    assert graphs.capture_error_mode() == "thread_local"
-    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 1)
-    assert graphs.capture_error_mode() == "global"

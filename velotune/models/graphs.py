@@ -43,6 +43,7 @@ replaced by new tensors (e.g. loading another adapter) are detected and the grap
 from __future__ import annotations
 
 import collections
+import contextlib
 import gc
 import math
 import time
@@ -67,6 +68,11 @@ _WARMUP_STEPS = 1  # eager runs of each captured piece before capture (Triton co
 # torch.cuda.graph's capture_error_mode (CUDA's stream-capture interaction mode); bench/diag_graphs.py
 # tries the others.
 CAPTURE_ERROR_MODE = "global"
+# Recorded backwards differentiate views of the parameters, not the parameters (GraphSet._run_with_grad):
+# under DDP, and after an eager step whose loss is still referenced, the capture failed on the GPU
+# ("operation failed due to a previous error during capture" in the first backward graph; torch warns of
+# the AccumulateGrad stream mismatch). False: the parameters themselves (the path before 2026-11-28).
+PARAM_VIEWS = True
 
 # Batches that need attention inputs per call (packed rows, padding masks, sliding windows, positions
 # other than 0..T-1) are recorded with static copies of those inputs. On since
@@ -89,7 +95,7 @@ class _Replay:
             fn()
             return
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode=capture_error_mode()):
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode=CAPTURE_ERROR_MODE):
             fn()
 
     def replay(self) -> None:
@@ -97,18 +103,6 @@ class _Replay:
             self.graph.replay()
         else:
             self.fn()
-
-
-def capture_error_mode() -> str:
-    """CAPTURE_ERROR_MODE, except "thread_local" in a process of a multi-process group: there other threads
-    call CUDA while a step is captured (the NCCL watchdog queries the events of collectives DDP launched
-    before the capture), which "global" counts against the capture (an 8B QLoRA step under DDP on
-    2 x H200, 2026-11-28: cudaErrorStreamCaptureInvalidated while capturing a layer's backward)."""
-    import torch.distributed as dist
-
-    if CAPTURE_ERROR_MODE == "global" and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return "thread_local"
-    return CAPTURE_ERROR_MODE
 
 
 def _capture(fn, pool, emulate: bool, what: str) -> _Replay:
@@ -207,6 +201,7 @@ class GraphSet:
         self.policy = policy
         self.offload = offload = policy == "offload"
         self.params = [[p for p in layer.parameters() if p.requires_grad] for layer in self.layers]
+        self.param_slots = [_slots(layer) for layer in self.layers]  # (module, name) of each, same order
         self.flat_params = [p for ps in self.params for p in ps]
         self.ptrs = self.current_ptrs()
         n = len(self.layers)
@@ -254,13 +249,27 @@ class GraphSet:
         """The static GPU buffer that holds layer ``i``'s input (``i == len(layers)``: the output)."""
         return self.xs[i % _RING] if self.offload else self.xs[i]
 
+    def _run_with_grad(self, i: int, xr: torch.Tensor):
+        """Layer ``i`` on ``xr`` with grad, for a recorded backward: (output, the tensors to differentiate for
+        its parameter gradients). With PARAM_VIEWS those are views of the parameters made here (the layer reads
+        them in place of its parameters): a gradient taken at a parameter itself goes through its AccumulateGrad
+        node, whose stream is the one it was created on; when something keeps that node alive from an earlier
+        step (DDP stashes every one at wrapping; a loss of an eager step still referenced), that is the default
+        stream, and autograd's wait on it from the capturing stream invalidates the capture."""
+        layer, params = self.layers[i], self.params[i]
+        if not PARAM_VIEWS:
+            with torch.autocast(**self.autocast):
+                return self.run_layer(layer, xr), params
+        views = [p.view_as(p) for p in params]
+        with _reading(self.param_slots[i], views), torch.autocast(**self.autocast):
+            return self.run_layer(layer, xr), views
+
     def _forward(self, i: int):
         if self.keep[i]:  # record with grad: the layer's saved activations live in the graph's pool
             with torch.enable_grad():
                 xr = self.input_of(i).detach().requires_grad_(True)
-                with torch.autocast(**self.autocast):
-                    out = self.run_layer(self.layers[i], xr)
-            self.saved[i] = (xr, out)
+                out, targets = self._run_with_grad(i, xr)
+            self.saved[i] = (xr, out, targets)
             self.input_of(i + 1).copy_(out.detach())
             return ()
         with torch.no_grad(), torch.autocast(**self.autocast):
@@ -271,17 +280,16 @@ class GraphSet:
         n = len(self.layers)
         src, dst = self.dbuf[(n - 1 - i) % 2], self.dbuf[(n - i) % 2]
         if self.keep[i]:  # no recompute: backward through the graph the forward recorded
-            xr, out = self.saved[i]
-            grads = torch.autograd.grad(out, [xr] + self.params[i], grad_outputs=src, allow_unused=True,
+            xr, out, targets = self.saved[i]
+            grads = torch.autograd.grad(out, [xr] + targets, grad_outputs=src, allow_unused=True,
                                         retain_graph=not self.emulate)  # replayed every step on CUDA
             if self.emulate:
                 self.saved[i] = None
             return self._store_grads(i, dst, grads)
         with torch.enable_grad():
             xr = self.input_of(i).detach().requires_grad_(True)
-            with torch.autocast(**self.autocast):
-                out = self.run_layer(self.layers[i], xr)
-            grads = torch.autograd.grad(out, [xr] + self.params[i], grad_outputs=src, allow_unused=True)
+            out, targets = self._run_with_grad(i, xr)
+            grads = torch.autograd.grad(out, [xr] + targets, grad_outputs=src, allow_unused=True)
         return self._store_grads(i, dst, grads)
 
     def _store_grads(self, i: int, dst, grads):
@@ -354,21 +362,43 @@ class GraphSet:
         with torch.cuda.stream(side):
             for _ in range(_WARMUP_STEPS):
                 x = x0
-                for layer in self.layers:
+                for i, layer in enumerate(self.layers):
                     with torch.no_grad(), torch.autocast(**self.autocast):
                         self.run_layer(layer, x)
                     with torch.enable_grad():
                         xr = x.detach().requires_grad_(True)
                         before = torch.cuda.memory_allocated()
-                        with torch.autocast(**self.autocast):
-                            out = self.run_layer(layer, xr)
+                        out, targets = self._run_with_grad(i, xr)
                         if layer_bytes is None:  # what keeping this layer's activations costs
                             layer_bytes = torch.cuda.memory_allocated() - before
-                        torch.autograd.grad(out, [xr] + [p for p in layer.parameters() if p.requires_grad],
-                                            grad_outputs=torch.ones_like(out), allow_unused=True)
+                        torch.autograd.grad(out, [xr] + targets, grad_outputs=torch.ones_like(out), allow_unused=True)
                     x = out.detach()
         torch.cuda.current_stream().wait_stream(side)
         return layer_bytes
+
+
+def _slots(layer) -> list:
+    """(module, attribute name) of each trainable parameter of ``layer``, in ``layer.parameters()`` order."""
+    out = []
+    for name, p in layer.named_parameters():
+        if p.requires_grad:
+            prefix, _, attr = name.rpartition(".")
+            out.append((layer.get_submodule(prefix) if prefix else layer, attr))
+    return out
+
+
+@contextlib.contextmanager
+def _reading(slots: list, tensors: list):
+    """Within: each module in ``slots`` reads the given tensor as that parameter (its ``_parameters`` entry
+    swapped, as torch.func.functional_call does); the parameters are put back after, whatever happens."""
+    saved = [m._parameters[a] for m, a in slots]
+    try:
+        for (m, a), t in zip(slots, tensors):
+            m._parameters[a] = t
+        yield
+    finally:
+        for (m, a), p in zip(slots, saved):
+            m._parameters[a] = p
 
 
 def _wait(events: list, k: int) -> None:
