@@ -39,6 +39,8 @@ def _card(device: str) -> str:
 
 
 def _commit() -> str:
+    if os.environ.get("VELOTUNE_COMMIT"):  # see run_train_step.versions
+        return os.environ["VELOTUNE_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).parent).stdout.strip()

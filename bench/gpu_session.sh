@@ -2,6 +2,8 @@
 # One device call that validates and measures everything GPU-side (run from the repo root on the GPU
 # machine; results land in $OUT). Ordered by importance, each step time-boxed, so a cut-short call
 # still returns the first answers.
+# The device's copy of the tree carries a stale .git: pass the commit, VELOTUNE_COMMIT=$(git rev-parse --short HEAD)
+# (+dirty for uncommitted changes), in the command, or the rows record the wrong one.
 #   OUT=/tmp/out bash bench/gpu_session.sh [tests|new|train1b|train8b|packing|decode|all|long|probe|ddp|gguf]...
 # (several stages run in the order given)
 set -u

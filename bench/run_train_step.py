@@ -74,6 +74,9 @@ def versions() -> dict:
             out[name] = version(name)
         except PackageNotFoundError:
             out[name] = None
+    if os.environ.get("VELOTUNE_COMMIT"):  # set by the caller where the tree's .git is not this tree's (device copies)
+        out["velotune_commit"] = os.environ["VELOTUNE_COMMIT"]
+        return out
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
                                 text=True, check=False).stdout.strip() or None

@@ -210,15 +210,18 @@ def _four_steps(model, batch, before_step=None):
     return losses, {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_cuda_graphs_capture_after_eager_step_and_under_ddp(tmp_path):
+def test_cuda_graphs_capture_after_eager_step_and_under_ddp(tmp_path, monkeypatch):
     """Two cases where the recorded backward once failed to capture ("operation failed due to a previous
     error during capture", then eager): a capture at the second step while the first step's loss is still
     referenced, and a model wrapped in DistributedDataParallel (which keeps every parameter's AccumulateGrad
-    node from wrapping on; 8B step on 2 x H200). Both now capture and train like eager."""
+    node from wrapping on; 8B step on 2 x H200). With the recorded backwards differentiating views of the
+    parameters both capture and train like eager. When this passes, set graphs.PARAM_VIEWS = True."""
     import torch.distributed as dist
 
     from velotune import set_cuda_graphs
     from velotune.models import graphs
+
+    monkeypatch.setattr(graphs, "PARAM_VIEWS", True)
 
     path = _make("llama", tmp_path)
     plain = lambda step, ids: dict(input_ids=ids, labels=ids)  # noqa: E731
@@ -232,6 +235,7 @@ def test_cuda_graphs_capture_after_eager_step_and_under_ddp(tmp_path):
         del model
     _assert_runs_agree(runs)
 
+    monkeypatch.setattr(graphs, "PARAM_VIEWS", None)  # the default: views in a process group
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         runs = {}

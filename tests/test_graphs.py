@@ -356,3 +356,34 @@ def test_failed_capture_releases_buffers_and_trains_eagerly(tiny_dir, emulate, m
     torch.testing.assert_close(loss_g, loss_e, rtol=1e-5, atol=1e-6)
     assert _captures(graphed) == 1
 
+
+
+@pytest.mark.parametrize("gc", [True, "unsloth", False])
+def test_graph_path_with_parameter_views_trains_like_eager(tiny_dir, emulate, gc, monkeypatch):
+    """Recorded backwards that differentiate views of the parameters (graphs.PARAM_VIEWS: under DDP the
+    parameters' own AccumulateGrad nodes broke the capture): eager's losses and weights, the real
+    parameters back in their modules after every capture and replay."""
+    monkeypatch.setattr(graphs, "PARAM_VIEWS", True)
+    eager = _model(tiny_dir)
+    set_cuda_graphs(eager, False)
+    graphed = _model(tiny_dir, gc=gc)
+    set_cuda_graphs(graphed, True)
+    l_e, w_e = _train(eager, 3, accumulate=2)
+    l_g, w_g = _train(graphed, 3, accumulate=2)
+    gs = next(iter(graphs.state_of(graphed.get_base_model()).sets.values()))
+    assert _captures(graphed) == 1 and gs.param_views
+    assert all(type(p) is torch.nn.Parameter for p in graphed.parameters())
+    torch.testing.assert_close(torch.tensor(l_g), torch.tensor(l_e), rtol=1e-5, atol=1e-6)
+    for n in w_e:
+        torch.testing.assert_close(w_g[n], w_e[n], rtol=1e-4, atol=1e-6)
+
+
+def test_parameter_views_default_follows_process_group(monkeypatch):
+    """PARAM_VIEWS=None: views in a process of a torch.distributed group (DDP), the parameters elsewhere."""
+    import torch.distributed as dist
+
+    assert graphs.PARAM_VIEWS is None and not graphs._param_views()
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    assert graphs._param_views()
+    monkeypatch.setattr(graphs, "PARAM_VIEWS", False)
+    assert not graphs._param_views()

@@ -30,11 +30,13 @@ stops recording new ones (batches whose length changes every step gain nothing: 
 fixed lengths, as SFTTrainer does). Otherwise the eager path runs, unchanged.
 
 Measured (H200, 1B shape, bs 2 x 2048, bench/run_train_step.py): 47.8K tokens/s with graphs vs 16.8K
-eager and Unsloth 21.3K in the same session. Open: a capture attempted at the *second* step of the
-benchmark (after one eager step) failed on the GPU ("operation failed due to a previous error during
-capture", in the first backward graph) while captures at the first step, or after eager steps with
-an optimizer in bench/diag_graphs.py, succeed; a failed capture is said once and training continues
-eagerly with the same numerics.
+eager and Unsloth 21.3K in the same session. A capture attempted at the *second* step of the
+benchmark (after one eager step whose loss was still referenced) failed on the GPU ("operation failed
+due to a previous error during capture", in the first backward graph), as did every capture under DDP
+(8B, 2 x H200): autograd waited on the default stream of the parameters' AccumulateGrad nodes, kept
+alive from before the capture. Recorded backwards that differentiate views of the parameters avoid
+those nodes (PARAM_VIEWS: on in torch.distributed processes; elsewhere once its GPU test has run). A
+failed capture is said once, its memory given back, and training continues eagerly with the same numerics.
 
 Limits, each checked with a clear error or an eager fallback: one forward per backward (a second
 forward before ``backward()`` overwrites the static buffers, so that backward raises); parameters
@@ -68,11 +70,23 @@ _WARMUP_STEPS = 1  # eager runs of each captured piece before capture (Triton co
 # torch.cuda.graph's capture_error_mode (CUDA's stream-capture interaction mode); bench/diag_graphs.py
 # tries the others.
 CAPTURE_ERROR_MODE = "global"
-# Recorded backwards differentiate views of the parameters, not the parameters (GraphSet._run_with_grad):
-# under DDP, and after an eager step whose loss is still referenced, the capture failed on the GPU
-# ("operation failed due to a previous error during capture" in the first backward graph; torch warns of
-# the AccumulateGrad stream mismatch). False: the parameters themselves (the path before 2026-11-28).
-PARAM_VIEWS = True
+# Whether recorded backwards differentiate views of the parameters rather than the parameters
+# (GraphSet._run_with_grad). Under DDP the capture of the parameters' path failed on the GPU (8B step,
+# 2 x H200, 2026-11-28: "operation failed due to a previous error during capture" in the first backward
+# graph, after torch's warning of an AccumulateGrad stream mismatch: DDP keeps those nodes from wrapping
+# on), as did a capture at the second step while the first step's loss was still referenced.
+# None: views in processes of a torch.distributed group (where the parameters' path is known to fail),
+# the parameters elsewhere, until tests/test_fast_forward_gpu.py::
+# test_cuda_graphs_capture_after_eager_step_and_under_ddp has run on a GPU (written without one).
+PARAM_VIEWS: Optional[bool] = None
+
+
+def _param_views() -> bool:
+    if PARAM_VIEWS is not None:
+        return PARAM_VIEWS
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
 
 # Batches that need attention inputs per call (packed rows, padding masks, sliding windows, positions
 # other than 0..T-1) are recorded with static copies of those inputs. On since
@@ -202,6 +216,7 @@ class GraphSet:
         self.offload = offload = policy == "offload"
         self.params = [[p for p in layer.parameters() if p.requires_grad] for layer in self.layers]
         self.param_slots = [_slots(layer) for layer in self.layers]  # (module, name) of each, same order
+        self.param_views = _param_views()
         self.flat_params = [p for ps in self.params for p in ps]
         self.ptrs = self.current_ptrs()
         n = len(self.layers)
@@ -251,13 +266,13 @@ class GraphSet:
 
     def _run_with_grad(self, i: int, xr: torch.Tensor):
         """Layer ``i`` on ``xr`` with grad, for a recorded backward: (output, the tensors to differentiate for
-        its parameter gradients). With PARAM_VIEWS those are views of the parameters made here (the layer reads
+        its parameter gradients). With param views (PARAM_VIEWS) those are views of the parameters made here (the layer reads
         them in place of its parameters): a gradient taken at a parameter itself goes through its AccumulateGrad
         node, whose stream is the one it was created on; when something keeps that node alive from an earlier
         step (DDP stashes every one at wrapping; a loss of an eager step still referenced), that is the default
         stream, and autograd's wait on it from the capturing stream invalidates the capture."""
         layer, params = self.layers[i], self.params[i]
-        if not PARAM_VIEWS:
+        if not self.param_views:
             with torch.autocast(**self.autocast):
                 return self.run_layer(layer, xr), params
         views = [p.view_as(p) for p in params]
