@@ -44,6 +44,9 @@ def rank_run(args) -> dict:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
         torch.cuda.set_device(local)
+        if args.cap_gib:  # e.g. 79: an 80 GB card's memory on a bigger one
+            torch.cuda.set_per_process_memory_fraction(
+                min(1.0, args.cap_gib * 2**30 / torch.cuda.get_device_properties(local).total_memory))
     dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -129,7 +132,8 @@ def main() -> int:
     p.add_argument("--rank-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--ckpt")
     p.add_argument("--json")
-    p.add_argument("--shape", default="8b", choices=["1b", "8b", "tiny"])
+    p.add_argument("--shape", default="8b", choices=["1b", "8b", "70b", "tiny"],
+                   help="70b: built pre-quantized in 4 bits (run_train_step.make_4bit_checkpoint)")
     p.add_argument("--mode", default="ddp", choices=["ddp", "fsdp"])
     p.add_argument("--gpus", type=int, default=2, help="the world size compared with 1")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -140,6 +144,7 @@ def main() -> int:
     p.add_argument("--graphs", default="auto", choices=["auto", "off"], help="set_cuda_graphs mode")
     p.add_argument("--profile", action="store_true", help="profile one more step (rank 0's table in the row)")
     p.add_argument("--worlds", type=int, nargs="+", help="world sizes to run (default: 1 and --gpus)")
+    p.add_argument("--cap-gib", type=float, default=None, help="cap each rank's GPU memory (79: an 80 GB card)")
     p.add_argument("--results")
     p.add_argument("--timeout", type=int, default=300, help="seconds per world size")
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "velotune-bench"))
@@ -151,11 +156,16 @@ def main() -> int:
         return 0
     sys.path.insert(0, str(HERE))
     from packing import tiny_checkpoint
-    from run_train_step import make_checkpoint, versions
+    from run_train_step import make_4bit_checkpoint, make_checkpoint, versions
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    ckpt = tiny_checkpoint(work / "llama-tiny") if args.shape == "tiny" else make_checkpoint(args.shape, work / f"llama-{args.shape}")
+    if args.shape == "tiny":
+        ckpt = tiny_checkpoint(work / "llama-tiny")
+    elif args.shape == "70b":
+        ckpt = make_4bit_checkpoint(args.shape, work / "llama-70b-nf4", device=args.device)
+    else:
+        ckpt = make_checkpoint(args.shape, work / f"llama-{args.shape}")
     card = "cpu"
     if args.device == "cuda":
         import torch
@@ -170,7 +180,8 @@ def main() -> int:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", __file__,
                "--rank-child", "--ckpt", str(ckpt), "--json", str(out), "--mode", args.mode, "--device", args.device,
                "--bs", str(args.bs), "--seq", str(args.seq), "--warmup", str(args.warmup), "--steps", str(args.steps),
-               "--graphs", args.graphs] + (["--profile"] if args.profile else [])
+               "--graphs", args.graphs] + (["--profile"] if args.profile else []) + (
+                   ["--cap-gib", str(args.cap_gib)] if args.cap_gib else [])
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
         try:
             subprocess.run(cmd, timeout=args.timeout, check=False, env=env)
@@ -178,6 +189,7 @@ def main() -> int:
         except (subprocess.TimeoutExpired, OSError, ValueError) as e:
             row = {"mode": args.mode, "world": world, "error": f"{type(e).__name__}: {e}"}
         row.update(run_id=run_id, bench="ddp_scaling", shape=f"llama-{args.shape}", card=card, world=world,
+                   cap_gib=args.cap_gib,
                    batch_per_rank=args.bs, seq=args.seq, lora="r16 a16, 7 targets", gc="unsloth", versions=vers)
         rows.append(row)
         if row.get("profile"):

@@ -4,7 +4,7 @@
 # still returns the first answers.
 # The device's copy of the tree carries a stale .git: pass the commit, VELOTUNE_COMMIT=$(git rev-parse --short HEAD)
 # (+dirty for uncommitted changes), in the command, or the rows record the wrong one.
-#   OUT=/tmp/out bash bench/gpu_session.sh [tests|new|train1b|train8b|packing|decode|all|long|probe|ddp|gguf]...
+#   OUT=/tmp/out bash bench/gpu_session.sh [tests|new|train1b|train8b|packing|decode|all|long|probe|ddp|fsdp70b|gguf]...
 # (several stages run in the order given)
 set -u
 OUT=${OUT:-/tmp/velotune-gpu}
@@ -46,6 +46,10 @@ if [[ $what == ddp ]]; then  # a multi-GPU machine (kind nvidia-h100-x2): 1 vs G
     --workdir /tmp/vb 2>&1 | grep "\[ddp\]" | tee "$OUT/ddp.txt"
   timeout 200 python bench/ddp_scaling.py --shape 8b --gpus ${GPUS:-2} --mode fsdp --timeout 95 --warmup 2 --steps 6 \
     --results "$OUT/ddp_scaling.jsonl" --workdir /tmp/vb 2>&1 | grep "\[ddp\]" | tee -a "$OUT/ddp.txt"
+fi
+if [[ $what == fsdp70b ]]; then  # issue #8: Llama-70B shape, FSDP2 QLoRA on 2 ranks capped at 79 GiB (2 x 80 GB cards)
+  timeout 560 python bench/ddp_scaling.py --shape 70b --mode fsdp --gpus ${GPUS:-2} --worlds ${WORLDS:-2} --cap-gib 79 \
+    --warmup 2 --steps 4 --timeout 420 --results "$OUT/ddp_scaling.jsonl" --workdir /tmp/vb 2>&1 | grep "\[ddp\]\|velotune\|Error" | tee "$OUT/fsdp70b.txt"
 fi
 if [[ $what == gguf ]]; then  # issue #5: q4_k_m of an 8B-shape model end to end (target <= 2 min on the GPU)
   timeout 200 python bench/gguf_quant.py --devices cuda --export-8b /tmp/vb/gguf8b --append "$OUT/gguf_quant.jsonl" 2>&1 \

@@ -29,6 +29,9 @@ SHAPES = {
                num_key_value_heads=8, head_dim=64, tie_word_embeddings=True),
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
+    # Llama-3.1-70B: only as a pre-quantized 4-bit checkpoint (make_4bit_checkpoint; 140 GB in bf16)
+    "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
 }
 LLAMA3 = dict(vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5, bos_token_id=128000,
               eos_token_id=128001, rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
@@ -64,6 +67,55 @@ def make_checkpoint(shape: str, folder: Path, **overrides) -> Path:
     make_tokenizer(cfg.vocab_size).save_pretrained(folder)
     del model
     torch.cuda.empty_cache()
+    return folder
+
+
+def make_4bit_checkpoint(shape: str, folder: Path, device: str = "cuda", **overrides) -> Path:
+    """A random-init Llama checkpoint of ``shape`` saved pre-quantized (bitsandbytes NF4 + double quantisation,
+    bf16 compute; transformers' serialisation), built one linear at a time: the bf16 model is never whole
+    in memory (70B: ~40 GB written instead of 140 GB). Loads with load_in_4bit=True like a hub 4-bit
+    checkpoint. Norms are ones, other weights N(0, 0.02)."""
+    import bitsandbytes as bnb
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
+
+    if (folder / "config.json").is_file():
+        return folder
+    cfg = LlamaConfig(**{**SHAPES[shape], **LLAMA3, **overrides})
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def rand(shape):
+        return (torch.randn(shape, generator=gen, device=device) * 0.02).to(torch.bfloat16)
+
+    for layer in model.model.layers:
+        for name, lin in list(layer.named_modules()):
+            if not isinstance(lin, torch.nn.Linear):
+                continue
+            q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False, compute_dtype=torch.bfloat16,
+                                  compress_statistics=True, quant_type="nf4", device="meta")
+            w = bnb.nn.Params4bit(rand((lin.out_features, lin.in_features)), requires_grad=False, quant_type="nf4",
+                                  compress_statistics=True)
+            q.weight = w._quantize(device) if device == "cpu" else w.to(device)
+            parent, _, attr = name.rpartition(".")
+            setattr(layer.get_submodule(parent), attr, q)
+    for name, p in list(model.named_parameters()):
+        if p.device.type == "meta":
+            parent, _, attr = name.rpartition(".")
+            data = torch.ones(p.shape, dtype=torch.bfloat16, device=device) if "norm" in attr or "norm" in parent \
+                else rand(p.shape)
+            setattr(model.get_submodule(parent), attr, torch.nn.Parameter(data, requires_grad=False))
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg, device=device)
+    model.config.quantization_config = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    make_tokenizer(cfg.vocab_size).save_pretrained(folder)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return folder
 
 
