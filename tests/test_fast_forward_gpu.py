@@ -314,6 +314,31 @@ def test_recorded_decode_matches_hf(tmp_path, monkeypatch, load_in_4bit):
     assert "_velotune_decode_graph" in base.__dict__
 
 
+def test_recorded_decode_with_4bit_matmul_matches_hf(tmp_path, monkeypatch):
+    """Recorded decode steps whose 4-bit projections go through the few-row matmul kernel
+    (kernels/nf4_matmul.py; down_proj's 1408 inputs are not a multiple of its 256-wide tiles: dequantised):
+    greedy tokens equal HF's forward. When this passes and bench/decode.py's velotune_gemv peer is faster,
+    set nf4_matmul.ON_CUDA = True."""
+    from velotune.kernels import nf4_matmul
+
+    monkeypatch.setattr(nf4_matmul, "ON_CUDA", True)
+    rows = []
+    real = nf4_matmul.nf4_matmul
+    monkeypatch.setattr(nf4_matmul, "nf4_matmul", lambda x2, w, **k: rows.append(x2.shape[0]) or real(x2, w, **k))
+    model, tok = _generation_model(tmp_path, monkeypatch, load_in_4bit=True)
+    from velotune.models import generation
+
+    monkeypatch.setattr(generation, "EAGER_DECODE_ON_CUDA", False)
+    enc = tok(["The capital of France is", "Add the two numbers: 12 and 30. The answer"], return_tensors="pt",
+              padding=True).to("cuda")
+    outs = {}
+    for fast in (False, True):
+        set_fast_forward(model, fast)
+        outs[fast] = model.generate(**enc, max_new_tokens=24, do_sample=False)
+    assert torch.equal(outs[True], outs[False])
+    assert rows and set(rows) == {2}  # the decode steps' projections (recorded once, then replayed)
+
+
 def test_cuda_graphs_packed_rows(tmp_path, monkeypatch):
     """Packed rows (varlen attention with offsets padded by empty sequences, positions restarting) through
     real CUDA graphs, boundaries moving every batch: the eager losses and weights. When this passes, set

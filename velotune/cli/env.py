@@ -105,11 +105,14 @@ def _graphs_line(cuda: bool) -> str:
 
 def _pending_line(cuda: bool) -> str:
     """The GPU paths switched off by their kill-switch flag (all on by default, each GPU-tested)."""
+    from ..kernels import nf4_matmul
     from ..models import decode_graphs, generation, graphs, offload
 
     flags = {"offloaded checkpointing": offload.ENABLED_ON_CUDA, "memory planner / no-recompute graphs":
              graphs.KEEP_ON_CUDA, "graphs for packed rows and masks": graphs.STATIC_INPUTS_ON_CUDA,
-             "fused generation path": generation.DECODE_ON_CUDA, "recorded decode steps": decode_graphs.ENABLED}
+             "fused generation path": generation.DECODE_ON_CUDA, "recorded decode steps": decode_graphs.ENABLED,
+             "few-row 4-bit matmul for decoding": nf4_matmul.ON_CUDA,
+             "parameter views in recorded backwards (outside DDP)": bool(graphs.PARAM_VIEWS)}
     waiting = [name for name, on in flags.items() if not on]
     if not cuda:
         return "GPU paths: n/a (no CUDA GPU)"

@@ -15,8 +15,9 @@ Precision: matmuls run in ``x.dtype`` (cuBLAS); ``A``/``B`` are cast to it (PEFT
 upcasts ``x`` instead; we trade that for bf16 tensor-core GEMMs) and their gradients are returned in their
 own dtype. The MLP activation's backward is computed in fp32 (fp64 for fp64 inputs).
 
-Matmuls use torch; the only Triton code on this path is the NF4 dequantisation (``kernels/nf4.py``), and
-later the fused SwiGLU/GeGLU at the single marked place in :func:`_glu_backward_`.
+Matmuls use torch; the Triton code on this path is the NF4 dequantisation (``kernels/nf4.py``), the
+few-row 4-bit matmul of decoding (``kernels/nf4_matmul.py``, forward only: same operands, fp32
+accumulation) and the fused SwiGLU/GeGLU at the single marked place in :func:`_glu_backward_`.
 Unsupported here (the caller keeps PEFT's path): LoRA dropout > 0, DoRA, and 3-D+ weights.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Optional, Protocol, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from . import swiglu
+from . import nf4_matmul, swiglu
 from ._utils import use_triton
 
 
@@ -128,10 +129,18 @@ def _scaled_mm(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
     return out.addmm_(a, b, beta=0, alpha=alpha)  # beta=0: the uninitialised buffer is never read
 
 
-def _linear(x2: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], xa: Optional[torch.Tensor],
+def _base_mm(x2: torch.Tensor, base: Base) -> torch.Tensor:
+    """``x2 W^T``: for a few rows (decoding) times a 4-bit weight, the 4-bit matmul that never materialises
+    W (kernels/nf4_matmul.py, where switched on); otherwise W dequantised (if 4-bit) and a GEMM."""
+    if not isinstance(base, torch.Tensor) and nf4_matmul.wanted(x2) and nf4_matmul.supported(x2, base):
+        return nf4_matmul.nf4_matmul(x2, base)
+    return x2 @ _weight(base, x2.dtype).t()
+
+
+def _linear(x2: torch.Tensor, base: Base, b: Optional[torch.Tensor], xa: Optional[torch.Tensor],
             s: float) -> torch.Tensor:
     """``x2 W^T + s xa B^T``; ``xa = x2 A^T`` already computed (possibly a column slice of a wider GEMM)."""
-    y = x2 @ w.t()
+    y = _base_mm(x2, base)
     if xa is not None:
         y.addmm_(xa, b.t(), alpha=s)
     return y
@@ -223,7 +232,7 @@ class LoRALinearFunction(torch.autograd.Function):
         proj = (base, A, B, float(scaling))
         a = _cast(A, x.dtype)
         xa = x2 @ a.t() if a is not None else None
-        y = _linear(x2, _weight(base, x.dtype), _cast(B, x.dtype), xa, proj[3])
+        y = _linear(x2, base, _cast(B, x.dtype), xa, proj[3])
         if bias is not None:
             y += bias.to(y.dtype)
         tensors, meta = _pack_projections([proj])
@@ -288,7 +297,7 @@ class LoRAQKVFunction(torch.autograd.Function):
         outs = []
         for (base, _, B, s), sl in zip(projs, _slices(ranks) if ranks else [None] * 3):
             xa = xa_cat[:, sl] if sl is not None else None
-            y = _linear(x2, _weight(base, x.dtype), _cast(B, x.dtype), xa, float(s))
+            y = _linear(x2, base, _cast(B, x.dtype), xa, float(s))
             outs.append(y.view(*x.shape[:-1], y.shape[-1]))
         tensors, meta = _pack_projections(projs)
         ctx.meta = meta
@@ -438,12 +447,12 @@ class LoRAMLPFunction(torch.autograd.Function):
         a_gu, ranks = _lora_a_cat([gate, up], dt)
         xa_gu = x2 @ a_gu.t() if a_gu is not None else None
         sl = _slices(ranks) if ranks else [None, None]
-        g, u = [_linear(x2, _weight(b, dt), _cast(B, dt), xa_gu[:, s_] if s_ is not None else None, float(s))
+        g, u = [_linear(x2, b, _cast(B, dt), xa_gu[:, s_] if s_ is not None else None, float(s))
                 for (b, _, B, s), s_ in zip((gate, up), sl)]
         h = _glu_forward_nograd(g, u, activation)
         base_d, A_d, B_d, s_d = down
         ha = h @ _cast(A_d, dt).t() if A_d is not None else None
-        y = _linear(h, _weight(base_d, dt), _cast(B_d, dt), ha, float(s_d))
+        y = _linear(h, base_d, _cast(B_d, dt), ha, float(s_d))
         del h
         tensors, meta = _pack_projections([gate, up, down])
         ctx.meta, ctx.activation = meta, activation
