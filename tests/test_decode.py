@@ -180,3 +180,90 @@ def test_decode_with_the_4bit_matmul_kernel_matches_hf(tmp_path, monkeypatch):
     monkeypatch.setattr(nf4_matmul, "ON_CPU", False)
     hf, _ = _generate(model, enc, fast=False)
     assert torch.equal(fast, hf), (fast, hf)
+
+
+def test_recorded_decode_records_again_for_replaced_weights(tiny_dir, monkeypatch):
+    """The decode key reads every parameter's address through cached slots (decode_graphs.weight_pointers).
+    Mid-generation (a logits processor, after the third step) a LoRA weight is replaced by a new Parameter,
+    a weight's storage swapped (``.data =``), or a submodule replaced: the next step records again, and the
+    tokens equal HF's forward under the same change (emulated graphs replay only what they recorded, so a
+    stale recording would decode with the old weights)."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    from velotune.models import decode_graphs
+
+    monkeypatch.setattr(decode_graphs, "EMULATE_ON_CPU", True)
+    made = []
+    real_init = decode_graphs.DecodeGraph.__init__
+    monkeypatch.setattr(decode_graphs.DecodeGraph, "__init__", lambda self, *a, **k: made.append(1) or real_init(self, *a, **k))
+    model, tok = FastLanguageModel.from_pretrained(tiny_dir("llama"), load_in_4bit=False, max_seq_length=128)
+    model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, random_state=3)
+    randomize_lora_b(model, seed=11, std=0.5)
+    FastLanguageModel.for_inference(model)
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    layer = model.get_base_model().model.layers[0]
+    q_b = layer.self_attn.q_proj.lora_B["default"]
+    down = layer.mlp.down_proj.base_layer
+    norm = layer.post_attention_layernorm
+    new_b = torch.nn.Parameter(torch.randn(q_b.weight.shape, generator=torch.Generator().manual_seed(1)))
+    new_down = torch.randn(down.weight.shape, generator=torch.Generator().manual_seed(2)) * 0.2
+    new_norm = type(norm)(norm.weight.shape[0], eps=1e-5)
+    with torch.no_grad():
+        new_norm.weight.mul_(-3.0)
+    old = (q_b.weight, down.weight.data, norm)
+    changes = {  # (apply, undo)
+        "parameter": (lambda: setattr(q_b, "weight", new_b), lambda: setattr(q_b, "weight", old[0])),
+        "storage": (lambda: setattr(down.weight, "data", new_down), lambda: setattr(down.weight, "data", old[1])),
+        "submodule": (lambda: setattr(layer, "post_attention_layernorm", new_norm),
+                      lambda: setattr(layer, "post_attention_layernorm", old[2])),
+    }
+
+    class ChangeAt(LogitsProcessor):
+        def __init__(self, apply):
+            self.apply, self.calls = apply, 0
+
+        def __call__(self, input_ids, scores):
+            self.calls += 1
+            if self.calls == 3:
+                self.apply()
+            return scores
+
+    unchanged, _ = _generate(model, enc, fast=False)
+    for name, (apply, undo) in changes.items():
+        outs = {}
+        for fast in (False, True):
+            made.clear()
+            outs[fast], _ = _generate(model, enc, fast=fast, logits_processor=LogitsProcessorList([ChangeAt(apply)]))
+            undo()
+        assert not torch.equal(outs[False], unchanged), name  # the change shows in the tokens
+        assert torch.equal(outs[True], outs[False]), (name, outs[True], outs[False])
+        assert len(made) == 2, (name, len(made))  # recorded at the first decode step and after the change
+
+
+def test_lora_state_from_instance_dicts_equals_peft_attributes(tiny_dir):
+    """The adapter signature's fast read (models/decoder._lora_state) equals PEFT's public attributes in every
+    state: one adapter, a second added and active, adapters disabled, merged."""
+    from velotune.models.decoder import _lora_state, _lora_state_public
+
+    model, _ = FastLanguageModel.from_pretrained(tiny_dir("llama"), load_in_4bit=False, max_seq_length=64)
+    model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, random_state=3)
+    mods = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
+
+    def check():
+        for m in mods:
+            assert _lora_state(m) == _lora_state_public(m)
+
+    check()
+    from peft import LoraConfig
+
+    model.add_adapter("second", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    model.set_adapter("second")
+    check()
+    with model.disable_adapter():
+        check()
+    model.set_adapter("default")
+    model.merge_adapter()
+    assert any(_lora_state(m)[0] for m in mods)
+    check()
+    model.unmerge_adapter()
+    check()

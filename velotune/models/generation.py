@@ -132,8 +132,8 @@ def _graphed_decode(model, run, layers, x, position_ids, masks, cache, cos, logi
     this key, else run eagerly and recorded for the next step."""
     # where everything the recorded step reads or writes lives: generate makes a new cache per call, often at
     # the addresses of the last one (then the recording is reused); moved or re-loaded weights record again
-    memory = (decode_graphs.cache_pointers(cache), tuple(p.data_ptr() for layer in layers for p in layer.parameters()),
-              cos.data_ptr(), tuple(cos.shape))
+    memory = (decode_graphs.cache_pointers(cache), decode_graphs.weight_pointers(model, layers), cos.data_ptr(),
+              tuple(cos.shape))
     key = (tuple(x.shape), x.dtype, str(x.device), tuple(position_ids.shape), memory, decode_graphs.mask_layout(masks),
            logits_to_keep, torch.is_autocast_enabled(x.device.type), _adapter_signature(model, layers))
     entry = model.__dict__.get("_velotune_decode_graph")
