@@ -271,6 +271,21 @@ def _torchrun(nproc: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
 
 
+def _accelerate_launch(nproc: int) -> list[str]:
+    # the README's `accelerate launch --multi_gpu --num_processes N train.py` (no config file: flags only);
+    # accelerate starts the ranks through torch.distributed.run, which picks gloo on a machine without GPUs
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={nproc}",
+            "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={_free_port()}"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _sharp_model(tiny_dir, folder: Path) -> str:
     """The tiny llama with its lm_head scaled 30x: confident, mostly wrong predictions, so the token
     losses spread from ~0 to ~30 nats (at random init they all sit near ln(512) = 6.2, and a mean over
@@ -294,7 +309,8 @@ def test_two_ranks_equal_one_process(tiny_dir, tmp_path):
     model = _sharp_model(tiny_dir, tmp_path / "sharp")
     results = {}
     for name, launcher, bs, extra in (("one", [sys.executable], 4, []), ("ddp", _torchrun(2), 2, []),
-                                      ("ddp-graphs", _torchrun(2), 2, ["graphs"]), ("fsdp", _torchrun(2), 2, ["fsdp"])):
+                                      ("ddp-graphs", _torchrun(2), 2, ["graphs"]), ("fsdp", _torchrun(2), 2, ["fsdp"]),
+                                      ("accelerate", _accelerate_launch(2), 2, [])):
         res = tmp_path / f"results-{name}"
         res.mkdir()
         _run(launcher + [str(script), model, str(tmp_path / f"out-{name}"), str(res), str(bs), "2", *extra], tmp_path)
@@ -338,6 +354,14 @@ def test_two_ranks_equal_one_process(tiny_dir, tmp_path):
     for k, w in one["lora"].items():
         assert torch.equal(g0["lora"][k], g1["lora"][k]), f"{k}: DDP ranks diverged with graphs"
         torch.testing.assert_close(g0["lora"][k], w, rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL)
+
+    # the same script under `accelerate launch`: the same run as under torchrun
+    a0, a1 = results["accelerate"]["rank0"], results["accelerate"]["rank1"]
+    assert a0["processes"] == a1["processes"] == 2 and not a0["sharded"]
+    torch.testing.assert_close(torch.tensor(a0["loss"]), torch.tensor(one["loss"]), rtol=LOSS_RTOL, atol=0)
+    for k, w in one["lora"].items():
+        assert torch.equal(a0["lora"][k], a1["lora"][k]), f"{k}: ranks diverged under accelerate launch"
+        torch.testing.assert_close(a0["lora"][k], w, rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL)
 
     # fsdp="full_shard": velotune shards every decoder layer (FSDP2) and the Trainer runs the same loop
     f0 = results["fsdp"]["rank0"]
