@@ -50,7 +50,9 @@ def rank_run(args) -> dict:
     dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     dtype = torch.bfloat16 if cuda else torch.float32
-    model, _ = FastLanguageModel.from_pretrained(args.ckpt, max_seq_length=args.seq, dtype=dtype, load_in_4bit=cuda)
+    host = {"device_map": "cpu"} if args.host_load else {}  # FSDP: shards go to the GPU, the whole copy never
+    model, _ = FastLanguageModel.from_pretrained(args.ckpt, max_seq_length=args.seq, dtype=dtype, load_in_4bit=cuda,
+                                                 **host)
     model = FastLanguageModel.get_peft_model(model, r=16, target_modules=TARGETS, lora_alpha=16, lora_dropout=0,
                                              bias="none", use_gradient_checkpointing="unsloth", random_state=3407)
     set_cuda_graphs(model, {"auto": "auto", "off": False}[args.graphs])
@@ -145,6 +147,8 @@ def main() -> int:
     p.add_argument("--profile", action="store_true", help="profile one more step (rank 0's table in the row)")
     p.add_argument("--worlds", type=int, nargs="+", help="world sizes to run (default: 1 and --gpus)")
     p.add_argument("--cap-gib", type=float, default=None, help="cap each rank's GPU memory (79: an 80 GB card)")
+    p.add_argument("--host-load", action="store_true", help="fsdp: load each rank's copy in host memory "
+                   "(device_map='cpu'); fsdp_shard moves the shards to the GPU")
     p.add_argument("--results")
     p.add_argument("--timeout", type=int, default=300, help="seconds per world size")
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "velotune-bench"))
@@ -181,7 +185,7 @@ def main() -> int:
                "--rank-child", "--ckpt", str(ckpt), "--json", str(out), "--mode", args.mode, "--device", args.device,
                "--bs", str(args.bs), "--seq", str(args.seq), "--warmup", str(args.warmup), "--steps", str(args.steps),
                "--graphs", args.graphs] + (["--profile"] if args.profile else []) + (
-                   ["--cap-gib", str(args.cap_gib)] if args.cap_gib else [])
+                   ["--cap-gib", str(args.cap_gib)] if args.cap_gib else []) + (["--host-load"] if args.host_load else [])
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
         try:
             subprocess.run(cmd, timeout=args.timeout, check=False, env=env)
@@ -189,7 +193,7 @@ def main() -> int:
         except (subprocess.TimeoutExpired, OSError, ValueError) as e:
             row = {"mode": args.mode, "world": world, "error": f"{type(e).__name__}: {e}"}
         row.update(run_id=run_id, bench="ddp_scaling", shape=f"llama-{args.shape}", card=card, world=world,
-                   cap_gib=args.cap_gib,
+                   cap_gib=args.cap_gib, host_load=args.host_load,
                    batch_per_rank=args.bs, seq=args.seq, lora="r16 a16, 7 targets", gc="unsloth", versions=vers)
         rows.append(row)
         if row.get("profile"):

@@ -19,7 +19,7 @@ if [[ $what == tests || $what == all ]]; then
 fi
 if [[ $what == new ]]; then  # the GPU paths written without a GPU (2026-11-28, 4th and 5th sessions): their tests first
   timeout 200 python -m pytest -q -p no:cacheprovider -m gpu tests/test_fast_forward_gpu.py \
-    -k "recorded_decode or long_context_paths or capture_after_eager or gpu_compiled" tests/kernels/test_nf4_matmul.py 2>&1 | tail -15 | tee "$OUT/tests-new.txt"
+    -k "recorded_decode or long_context_paths or capture_after_eager or gpu_compiled or host_memory_model" tests/kernels/test_nf4_matmul.py 2>&1 | tail -15 | tee "$OUT/tests-new.txt"
 fi
 if [[ $what == train1b || $what == all ]]; then
   timeout 420 python bench/run_train_step.py --shapes 1b --peers velotune velotune_auto velotune_eager unsloth hf liger \
@@ -48,7 +48,7 @@ if [[ $what == ddp ]]; then  # a multi-GPU machine (kind nvidia-h100-x2): 1 vs G
     --results "$OUT/ddp_scaling.jsonl" --workdir /tmp/vb 2>&1 | grep "\[ddp\]" | tee -a "$OUT/ddp.txt"
 fi
 if [[ $what == fsdp70b ]]; then  # issue #8: Llama-70B shape, FSDP2 QLoRA on 2 ranks capped at 79 GiB (2 x 80 GB cards)
-  timeout 560 python bench/ddp_scaling.py --shape 70b --mode fsdp --gpus ${GPUS:-2} --worlds ${WORLDS:-2} --cap-gib 79 \
+  timeout 560 python bench/ddp_scaling.py --shape 70b --mode fsdp --gpus ${GPUS:-2} --worlds ${WORLDS:-2} --cap-gib ${CAP:-79} --host-load \
     --warmup 2 --steps 4 --timeout 420 --results "$OUT/ddp_scaling.jsonl" --workdir /tmp/vb 2>&1 | grep "\[ddp\]\|velotune\|Error" | tee "$OUT/fsdp70b.txt"
 fi
 if [[ $what == gguf ]]; then  # issue #5: q4_k_m of an 8B-shape model end to end (target <= 2 min on the GPU)

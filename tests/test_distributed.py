@@ -658,6 +658,33 @@ def test_fsdp_is_refused_with_the_fix(tiny_dir, tmp_path):
         SFTTrainer(model=model, tokenizer=tok, train_dataset=rows, args=args)
 
 
+def test_rank_copy_in_host_memory_for_fsdp(notices):
+    """device_map="cpu" under a launcher on a GPU machine: each rank's copy stays in host memory (for FSDP to
+    shard onto the GPUs, a model bigger than one GPU), said once."""
+    assert rank_device_map("cpu", "cuda", RANK1, n_gpus=2) == {"": "cpu"}
+    assert rank_device_map({"": "cpu"}, "cuda", RANK1, n_gpus=2) == {"": "cpu"}
+    assert any("until FSDP shards it" in m for m in notices)
+
+
+def test_ddp_of_a_host_memory_copy_is_refused_with_the_fix(tiny_dir, tmp_path, monkeypatch):
+    """Under DDP on a GPU machine a model left in host memory would train there (or fail in NCCL): refused
+    before any work, naming both fixes."""
+    from transformers import TrainingArguments
+
+    from velotune import FastLanguageModel, SFTTrainer, get_alpaca_formatter
+    from velotune.data.bundled import load_alpaca_dataset
+
+    model, tok = FastLanguageModel.from_pretrained(tiny_dir("llama"), max_seq_length=64, load_in_4bit=False)
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8)
+    rows = load_alpaca_dataset().select(range(4)).map(get_alpaca_formatter(tok), batched=True)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to="none", use_cpu=True)
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(VelotuneError, match=r"host memory.*device_map.*fsdp=\"full_shard\""):
+        SFTTrainer(model=model, tokenizer=tok, train_dataset=rows, args=args)
+
+
 def test_fsdp_request_from_arguments_and_accelerate_config(monkeypatch):
     """What SFTTrainer reads as an FSDP request: fsdp= / fsdp_config=, or accelerate launch's environment; and
     the options velotune's sharding refuses, each with its fix."""

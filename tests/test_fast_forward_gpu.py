@@ -252,6 +252,41 @@ def test_cuda_graphs_capture_after_eager_step_and_under_ddp(tmp_path, monkeypatc
         dist.destroy_process_group()
 
 
+def test_fsdp_shards_a_host_memory_model_onto_the_gpu(tmp_path):
+    """A 4-bit model loaded with device_map="cpu" (how a model bigger than one GPU is loaded) is sharded by
+    fsdp_shard onto this GPU: every parameter and bitsandbytes' quant states end up on CUDA, and 4 steps train
+    like the same pre-quantized checkpoint loaded on the GPU and sharded (one rank, NCCL)."""
+    import torch.distributed as dist
+
+    from velotune.distributed import fsdp_shard
+
+    src = _make("llama", tmp_path / "bf16")
+    m, tok = FastLanguageModel.from_pretrained(src, dtype=torch.bfloat16, load_in_4bit=True, max_seq_length=1024)
+    m.save_pretrained(tmp_path / "nf4")  # pre-quantized: both runs train the GPU's NF4 codes
+    tok.save_pretrained(tmp_path / "nf4")
+    del m
+    plain = lambda step, ids: dict(input_ids=ids, labels=ids)  # noqa: E731
+    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        runs = {}
+        for on_cpu in (False, True):
+            model, _ = FastLanguageModel.from_pretrained(str(tmp_path / "nf4"), dtype=torch.bfloat16, load_in_4bit=True,
+                                                         max_seq_length=1024, **({"device_map": "cpu"} if on_cpu else {}))
+            assert next(model.parameters()).device.type == ("cpu" if on_cpu else "cuda")
+            model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, random_state=3)
+            randomize_lora_b(model, seed=5, std=0.02)
+            fsdp_shard(model.train())
+            assert all(p.device.type == "cuda" for p in model.parameters())
+            states = [getattr(mod, "quant_state", None) or mod.weight.quant_state for mod in model.modules()
+                      if type(mod).__name__ == "Linear4bit"]
+            assert states and all(q.absmax.is_cuda and q.code.is_cuda for q in states)
+            runs[on_cpu] = _four_steps(model, plain)
+            del model
+        _assert_runs_agree({False: runs[False], True: runs[True]})
+    finally:
+        dist.destroy_process_group()
+
+
 def _assert_runs_agree(runs):
     """The reference run (key False) and the other (True): losses within 2e-3, weights within 2% (bf16:
     the same kernels, but autograd may accumulate in another order)."""

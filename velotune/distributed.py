@@ -161,6 +161,13 @@ def rank_device_map(device_map, device_type: str, w: World, n_gpus: int):
     own = f"cuda:{w.local_rank}"
     if device_map in ("auto", None):
         return {"": w.local_rank}
+    if device_map in ("cpu", {"": "cpu"}):
+        from ._notices import say_once
+
+        say_once("rank-cpu-copy", "device_map=\"cpu\": each rank keeps its copy in host memory until FSDP shards it "
+                 "(distributed.fsdp_shard, or SFTTrainer with fsdp=\"full_shard\"), which puts each rank's shards "
+                 "on cuda:LOCAL_RANK: for a model bigger than one GPU. DDP cannot train copies on the CPU")
+        return {"": "cpu"}
     if isinstance(device_map, str) and device_map in _SPREADING:
         devices = {"several GPUs"}
     else:
@@ -209,14 +216,37 @@ def fsdp_shard(model, mesh=None, reshard_after_forward: bool = True):
                             "with model.layers)")
     float_storage_4bit(base)
     if mesh is None:
+        import torch
         from torch.distributed.device_mesh import init_device_mesh
 
-        device_type = next(base.parameters()).device.type
+        # a model loaded with device_map="cpu" (bigger than one GPU) is sharded onto this rank's GPU
+        device_type = "cuda" if torch.cuda.is_available() else next(base.parameters()).device.type
         mesh = init_device_mesh(device_type, (d.get_world_size(),))
     for layer in layers:
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    _quant_states_to(base, _mesh_device(mesh))
     return model
+
+
+def _mesh_device(mesh):
+    import torch
+
+    if mesh.device_type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(mesh.device_type)
+
+
+def _quant_states_to(model, device) -> None:
+    """bitsandbytes' 4-bit quant states (absmax, code, nested state: plain tensors, not parameters, so FSDP
+    does not move them) onto ``device``, where FSDP put the shards: a model loaded on the CPU trains on the
+    GPU. The weight's state and the module's copy (what velotune reads after FSDP gathers the weight)."""
+    for mod in model.modules():
+        w = getattr(mod, "weight", None)
+        for qs in {id(q): q for q in (getattr(w, "quant_state", None), getattr(mod, "quant_state", None))
+                   if q is not None}.values():
+            if qs.absmax.device != device:
+                qs.to(device)
 
 
 def float_storage_4bit(model) -> int:

@@ -278,6 +278,12 @@ class SFTTrainer(AtomicCheckpointMixin, trl.SFTTrainer):
         fsdp = _fsdp_request(args) if st is not None else None
         if fsdp is not None:
             _check_fsdp(fsdp)
+        elif st is not None and world().distributed and torch.cuda.is_available() \
+                and next(model.parameters()).device.type == "cpu":
+            raise VelotuneError(
+                "the model is in host memory (loaded with device_map=\"cpu\") but this DDP run has GPUs: DDP trains "
+                "each rank's whole copy where it is. Load it without device_map (each rank's copy goes to "
+                "cuda:LOCAL_RANK), or, for a model bigger than one GPU, shard it: TrainingArguments(fsdp=\"full_shard\")")
         args = to_sft_config(args, legacy, model)
         _cpu_mixed_precision(args)
         if st is not None:
