@@ -120,13 +120,21 @@ def rank_run(args) -> dict:
            "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3) if cuda else None,
            "losses": [round(x, 5) for x in losses[:5]], "step_times_s": [round(t, 4) for t in times],
-           "graphs": args.graphs,
+           "graphs": args.graphs, **_graph_state(model),
            "peer_access": torch.cuda.can_device_access_peer(0, 1) if cuda and torch.cuda.device_count() > 1 else None}
     if profile is not None:
         row["profile"] = profile
     dist.barrier()
     dist.destroy_process_group()
     return row if rank == 0 else {}
+
+
+def _graph_state(model) -> dict:
+    """Whether the CUDA graphs were recorded on this rank (a failed capture leaves the step eager)."""
+    from velotune.models import graphs
+
+    st = graphs.state_of(model.get_base_model())
+    return {"graph_captures": st.captures, "graph_broken": (st.broken or "")[:200] or None}
 
 
 def main() -> int:

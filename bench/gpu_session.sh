@@ -43,7 +43,7 @@ if [[ $what == probe ]]; then  # long context, 2 of the 8B layers: working memor
 fi
 if [[ $what == ddp ]]; then  # a multi-GPU machine (kind nvidia-h100-x2): 1 vs GPUS ranks, DDP then FSDP2
   timeout 260 python bench/ddp_scaling.py --shape 8b --gpus ${GPUS:-2} --timeout 120 --results "$OUT/ddp_scaling.jsonl" \
-    --workdir /tmp/vb 2>&1 | grep "\[ddp\]" | tee "$OUT/ddp.txt"
+    --workdir /tmp/vb 2>&1 | grep "\[ddp\]\|CUDA graphs" | tee "$OUT/ddp.txt"
   timeout 200 python bench/ddp_scaling.py --shape 8b --gpus ${GPUS:-2} --mode fsdp --timeout 95 --warmup 2 --steps 6 \
     --results "$OUT/ddp_scaling.jsonl" --workdir /tmp/vb 2>&1 | grep "\[ddp\]" | tee -a "$OUT/ddp.txt"
 fi

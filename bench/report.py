@@ -141,6 +141,10 @@ def ddp_section(rows: list[dict]) -> list[str]:
 
     def row(r):
         graphs = r.get("graphs", "auto")
+        if r.get("graph_broken"):
+            graphs += " (capture failed: eager)"
+        elif r.get("graph_captures"):
+            graphs += " (recorded)"
         if r.get("error"):
             return f"| {r['mode']} | {r.get('world')} | {graphs} | failed: {r['error'][:120]} | | | |"
         return (f"| {r['mode']} | {r['world']} | {graphs} | {_fmt(r.get('tokens_per_s'), 0)} | "
