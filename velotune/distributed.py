@@ -221,6 +221,8 @@ def fsdp_shard(model, mesh=None, reshard_after_forward: bool = True):
 
         # a model loaded with device_map="cpu" (bigger than one GPU) is sharded onto this rank's GPU
         device_type = "cuda" if torch.cuda.is_available() else next(base.parameters()).device.type
+        if device_type == "cuda":
+            torch.cuda.set_device(world().local_rank % torch.cuda.device_count())  # FSDP places shards here
         mesh = init_device_mesh(device_type, (d.get_world_size(),))
     for layer in layers:
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)

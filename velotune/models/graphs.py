@@ -266,11 +266,11 @@ class GraphSet:
 
     def _run_with_grad(self, i: int, xr: torch.Tensor):
         """Layer ``i`` on ``xr`` with grad, for a recorded backward: (output, the tensors to differentiate for
-        its parameter gradients). With param views (PARAM_VIEWS) those are views of the parameters made here (the layer reads
-        them in place of its parameters): a gradient taken at a parameter itself goes through its AccumulateGrad
-        node, whose stream is the one it was created on; when something keeps that node alive from an earlier
-        step (DDP stashes every one at wrapping; a loss of an eager step still referenced), that is the default
-        stream, and autograd's wait on it from the capturing stream invalidates the capture."""
+        its parameter gradients). With param views (PARAM_VIEWS) those are views of the parameters made here
+        (the layer reads them in place of its parameters): a gradient taken at a parameter itself goes through
+        its AccumulateGrad node, whose stream is the one it was created on; when something keeps that node alive
+        from an earlier step (DDP stashes every one at wrapping; a loss of an eager step still referenced), that
+        is the default stream, and autograd's wait on it from the capturing stream invalidates the capture."""
         layer, params = self.layers[i], self.params[i]
         if not self.param_views:
             with torch.autocast(**self.autocast):
