@@ -17,7 +17,6 @@ size goes to ``--results``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
@@ -167,24 +166,11 @@ def main() -> int:
         write_result(path, lambda: rank_run(args), lambda msg: {"mode": args.mode, "error": msg})
         return 0
     sys.path.insert(0, str(HERE))
-    from packing import tiny_checkpoint
-    from run_train_step import make_4bit_checkpoint, make_checkpoint, versions
+    from run_train_step import bench_checkpoint, run_context
 
     work = Path(args.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    if args.shape == "tiny":
-        ckpt = tiny_checkpoint(work / "llama-tiny")
-    elif args.shape == "70b":
-        ckpt = make_4bit_checkpoint(args.shape, work / "llama-70b-nf4", device=args.device)
-    else:
-        ckpt = make_checkpoint(args.shape, work / f"llama-{args.shape}")
-    card = "cpu"
-    if args.device == "cuda":
-        import torch
-
-        card = torch.cuda.get_device_name(0)
-    run_id = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    vers = versions()
+    ckpt = bench_checkpoint(args.shape, work, **({"device": args.device} if args.shape == "70b" else {}))
+    card, run_id, vers = run_context(args.device)
     rows = []
     for world in args.worlds or (1, args.gpus):
         out = work / f"ddp-{args.shape}-{args.mode}-{world}.json"

@@ -20,7 +20,6 @@ at a length in seconds before spending minutes on the full model.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import resource
@@ -151,25 +150,17 @@ def main() -> int:
         write_result(args.json, lambda: one_peer(args), lambda msg: [{"peer": args.peer, "error": msg}])
         return 0
     sys.path.insert(0, str(HERE))
-    from packing import tiny_checkpoint
-    from run_train_step import make_checkpoint, versions
+    from run_train_step import bench_checkpoint, run_context
 
     work = Path(args.workdir)
-    work.mkdir(parents=True, exist_ok=True)
     if args.shape == "tiny":
-        ckpt = tiny_checkpoint(work / "llama-tiny")
+        ckpt = bench_checkpoint("tiny", work)
     else:  # the declared context covers the longest length (Llama-3's RoPE tables are computed per position)
         layers = {"num_hidden_layers": args.layers} if args.layers else {}
-        ckpt = make_checkpoint(args.shape, work / f"llama-{args.shape}-long{args.layers or ''}",
-                               max_position_embeddings=max(1 << 20, *args.lengths), **layers)
+        ckpt = bench_checkpoint(args.shape, work, f"llama-{args.shape}-long{args.layers or ''}",
+                                max_position_embeddings=max(1 << 20, *args.lengths), **layers)
     print(f"[long] checkpoint ready at {time.strftime('%X')}", flush=True)
-    card = "cpu"
-    if args.device == "cuda":
-        import torch
-
-        card = torch.cuda.get_device_name(0)
-    run_id = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    vers = versions()
+    card, run_id, vers = run_context(args.device)
     for peer in args.peers:
         out = work / f"long-{args.shape}-{peer}.json"
         cmd = [sys.executable, __file__, "--peer", peer, "--ckpt", str(ckpt), "--json", str(out), "--device",

@@ -18,7 +18,6 @@ wall time (CUDA-synchronised at each step end). One JSON row per mode goes to ``
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 import tempfile
@@ -159,20 +158,11 @@ def main() -> int:
         write_result(args.json, lambda: one_mode(args), lambda msg: {"mode": args.mode, "error": msg})
         return 0
     sys.path.insert(0, str(HERE))
-    from run_train_step import make_checkpoint, versions
+    from run_train_step import bench_checkpoint, run_context
 
     work = Path(args.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    if args.shape == "tiny":
-        ckpt, card = tiny_checkpoint(work / "llama-tiny"), "cpu" if args.device == "cpu" else None
-    else:
-        ckpt = make_checkpoint(args.shape, work / f"llama-{args.shape}")
-    if args.device == "cuda":
-        import torch
-
-        card = torch.cuda.get_device_name(0)
-    run_id = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    vers = versions()
+    ckpt = bench_checkpoint(args.shape, work)
+    card, run_id, vers = run_context(args.device)
     for mode in args.modes:
         out = work / f"packing-{args.shape}-{mode}.json"
         cmd = [sys.executable, __file__, "--mode", mode, "--ckpt", str(ckpt), "--json", str(out), "--examples",

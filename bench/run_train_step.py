@@ -119,6 +119,30 @@ def make_4bit_checkpoint(shape: str, folder: Path, device: str = "cuda", **overr
     return folder
 
 
+def bench_checkpoint(shape: str, work: Path, name: str | None = None, **overrides) -> Path:
+    """The benchmark checkpoint of ``shape`` in ``work`` (built once, reused): "tiny" (the CPU smoke
+    model), "70b" (pre-quantized 4-bit: make_4bit_checkpoint, built on the GPU), else a bf16 random Llama;
+    ``name`` names its folder (default ``llama-{shape}``), ``overrides`` change config fields."""
+    work.mkdir(parents=True, exist_ok=True)
+    if shape == "tiny":
+        from packing import tiny_checkpoint
+
+        return tiny_checkpoint(work / (name or "llama-tiny"))
+    if shape == "70b":
+        return make_4bit_checkpoint(shape, work / (name or "llama-70b-nf4"), **overrides)
+    return make_checkpoint(shape, work / (name or f"llama-{shape}"), **overrides)
+
+
+def run_context(device: str) -> tuple[str, str, dict]:
+    """(card, run id, versions): what every benchmark parent stamps on its rows."""
+    card = "cpu"
+    if device == "cuda":
+        import torch
+
+        card = torch.cuda.get_device_name(0)
+    return card, datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ"), versions()
+
+
 def versions() -> dict:
     out = {}
     for name in ("torch", "triton", "transformers", "peft", "bitsandbytes", "trl", "unsloth", "liger-kernel", "accelerate"):
