@@ -80,7 +80,8 @@ def test_switched_off_gpu_paths_are_listed(monkeypatch):
     line = env._pending_line(cuda=True)  # the defaults: the two paths written without a GPU are off
     assert "few-row 4-bit matmul" in line and "parameter views" in line
     for mod, attr in ((offload, "ENABLED_ON_CUDA"), (graphs, "KEEP_ON_CUDA"), (graphs, "STATIC_INPUTS_ON_CUDA"),
-                      (generation, "DECODE_ON_CUDA"), (nf4_matmul, "ON_CUDA"), (graphs, "PARAM_VIEWS")):
+                      (generation, "DECODE_ON_CUDA"), (nf4_matmul, "ON_CUDA"), (graphs, "PARAM_VIEWS"),
+                      (graphs, "RESIDENT_ON_CUDA")):
         monkeypatch.setattr(mod, attr, True)
     assert env._pending_line(cuda=True) == "GPU paths: all on"
     monkeypatch.setattr(offload, "ENABLED_ON_CUDA", False)

@@ -210,6 +210,26 @@ def _four_steps(model, batch, before_step=None):
     return losses, {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def test_cuda_graphs_auto_with_held_4bit_weights(tmp_path, monkeypatch):
+    """"auto" with every layer kept and memory left, the 4-bit weights held dequantised (graphs.RESIDENT_ON_CUDA):
+    captured, the weights held, 4 QLoRA steps like the recompute path without graphs. When this passes and
+    bench/run_train_step.py's velotune_auto_resident peer is faster than velotune_auto, set RESIDENT_ON_CUDA."""
+    from velotune import set_cuda_graphs
+    from velotune.models import graphs
+
+    monkeypatch.setattr(graphs, "RESIDENT_ON_CUDA", True)
+    path = _make("llama", tmp_path)
+    runs = {}
+    for mode in (False, True):
+        model = _lora(path, load_in_4bit=True, gc="auto" if mode else True)
+        set_cuda_graphs(model, mode)
+        runs[mode] = _four_steps(model, lambda step, ids: dict(input_ids=ids, labels=ids))
+        st = graphs.state_of(model.get_base_model())
+        assert st.captures == int(mode) and bool(st.resident) == mode, (st.captures, len(st.resident), st.broken)
+        del model
+    _assert_runs_agree(runs)
+
+
 def test_cuda_graphs_capture_after_eager_step_and_under_ddp(tmp_path, monkeypatch):
     """Two cases where the recorded backward once failed to capture ("operation failed due to a previous
     error during capture", then eager): a capture at the second step while the first step's loss is still

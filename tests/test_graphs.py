@@ -387,3 +387,54 @@ def test_parameter_views_default_follows_process_group(monkeypatch):
     assert graphs._param_views()
     monkeypatch.setattr(graphs, "PARAM_VIEWS", False)
     assert not graphs._param_views()
+
+
+def test_auto_with_memory_left_holds_the_4bit_weights_dequantised(tiny_dir, emulate, monkeypatch):
+    """"auto", every layer kept and memory left (graphs.RESIDENT_*): the frozen 4-bit weights are dequantised
+    once and held, the recorded steps read them (no dequantisation per step) and train exactly like the same
+    graphs without them (the same values); set_cuda_graphs releases them. Without enough spare memory they
+    are not held."""
+    from velotune.quant.nf4 import NF4Weight
+
+    monkeypatch.setattr(graphs, "RESIDENT_ON_CPU", True)
+    monkeypatch.setattr(graphs, "plan_keep", lambda policy, n, *a, **k: [True] * n)
+
+    def model_4bit():
+        m, _ = FastLanguageModel.from_pretrained(tiny_dir("llama"), max_seq_length=128, load_in_4bit=True)
+        m = FastLanguageModel.get_peft_model(m, r=8, lora_alpha=16, random_state=3, use_gradient_checkpointing="auto")
+        randomize_lora_b(m, seed=11, std=0.1)
+        set_cuda_graphs(m, True)
+        return m.train()
+
+    calls = []
+    real = NF4Weight.dequantize
+    monkeypatch.setattr(NF4Weight, "dequantize", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    runs = {}
+    for spare in (0, 1 << 40):
+        monkeypatch.setattr(graphs, "plan_spare", lambda *a, spare=spare, **k: spare)
+        model = model_4bit()
+        _train(model, 1)  # captures (and holds the weights when they fit)
+        st = graphs.state_of(model.get_base_model())
+        assert bool(st.resident) == bool(spare) and all(b.resident is not None for b in st.resident)
+        calls.clear()
+        runs[spare] = _train(model, 2)
+        assert (len(calls) == 0) == bool(spare), len(calls)  # held: replays never dequantise
+        if spare:
+            held = list(st.resident)
+            set_cuda_graphs(model, False)
+            assert all(b.resident is None for b in held)
+    (l0, w0), (l1, w1) = runs[0], runs[1 << 40]
+    assert l0 == l1
+    for n in w0:
+        assert torch.equal(w0[n], w1[n]), n
+
+
+def test_plan_spare_counts_what_the_kept_layers_leave():
+    gib = 1 << 30
+    keep = [True, True, False]
+    assert graphs.plan_spare("auto", keep, gib, budget=10 * gib, mem_info=(40 * gib, 80 * gib)) == 10 * gib - 4 * gib
+    assert graphs.plan_spare("auto", keep, gib, budget=0.25, mem_info=(40 * gib, 80 * gib)) == 20 * gib - 4 * gib
+    # no budget: the free memory minus 10% of the card and two layers of temporaries
+    assert graphs.plan_spare("auto", keep, gib, mem_info=(40 * gib, 80 * gib)) == int(40 * gib - 8 * gib) - 4 * gib
+    assert graphs.plan_spare("auto", [True] * 30, gib, budget=10 * gib, mem_info=(40 * gib, 80 * gib)) == 0
+    assert graphs.plan_spare("recompute", keep, gib, mem_info=(40 * gib, 80 * gib)) == 0

@@ -112,6 +112,7 @@ def _pending_line(cuda: bool) -> str:
              graphs.KEEP_ON_CUDA, "graphs for packed rows and masks": graphs.STATIC_INPUTS_ON_CUDA,
              "fused generation path": generation.DECODE_ON_CUDA, "recorded decode steps": decode_graphs.ENABLED,
              "few-row 4-bit matmul for decoding": nf4_matmul.ON_CUDA,
+             "4-bit weights held dequantised (auto, memory left)": graphs.RESIDENT_ON_CUDA,
              "parameter views in recorded backwards (outside DDP)": bool(graphs.PARAM_VIEWS)}
     waiting = [name for name, on in flags.items() if not on]
     if not cuda:

@@ -115,6 +115,9 @@ def _weight(base: Base, dtype: torch.dtype) -> torch.Tensor:
     """The frozen ``[out, in]`` weight in ``dtype``; a 4-bit one is dequantised now (bitsandbytes' values)."""
     if isinstance(base, torch.Tensor):
         return base
+    held = getattr(base, "resident", None)  # kept dequantised (NF4Weight.hold): the same values
+    if held is not None and held.dtype == dtype:
+        return held
     w = base.dequantize()
     return w if w.dtype == dtype else w.to(dtype)
 

@@ -483,7 +483,14 @@ def _graphed_stack(model, layers, x, plan, attn_plans, position_ids, policy="rec
            tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(inputs.items())))
     return graphs.run_stack(model, layers, x, make_run_layer, key_extra=key,
                             check=lambda: all(_graph_fusable(layer, plan) for layer in layers), policy=policy,
-                            max_tokens=x.shape[0] * max(max_len, x.shape[1]), inputs=inputs)
+                            max_tokens=x.shape[0] * max(max_len, x.shape[1]), inputs=inputs,
+                            frozen_weights=lambda: _frozen_4bit(layers))
+
+
+def _frozen_4bit(layers) -> list:
+    """The NF4Weight of every 4-bit linear layer in ``layers`` (what the fused kernels dequantise)."""
+    return [_nf4(m) for layer in layers for m in layer.modules()
+            if type(m).__name__ == "Linear4bit" and is_4bit(getattr(m, "weight", None))]
 
 
 def _static_inputs(plan, attn_plans, position_ids, x):

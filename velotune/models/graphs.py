@@ -137,6 +137,12 @@ POLICIES = ("keep", "recompute", "offload", "auto")
 # tests/test_fast_forward_gpu.py::test_cuda_graphs_train_like_eager[*-keep / *-auto] passed on an H200
 # (2026-11-28); False (a kill switch) runs those policies eagerly on CUDA.
 KEEP_ON_CUDA = True
+# "auto", when every layer keeps its activations and memory is still left: the frozen 4-bit weights of the
+# layers are kept dequantised (the values every step dequantises anyway, held once) so the recorded steps
+# launch no dequantisation (5-8% of the 8B step's GPU time on an H200). Off on CUDA until bench/run_train_step.py's
+# velotune_auto_resident peer has run (written without a GPU, 2026-11-28); ON_CPU: tests, with the emulation.
+RESIDENT_ON_CUDA = False
+RESIDENT_ON_CPU = False
 _AUTO_RESERVE = 0.10  # "auto" without a budget: leave this fraction of the card free ...
 _AUTO_RESERVE_MIN = 2 << 30  # ... and at least this much (the loss, optimizer and allocator slack)
 
@@ -162,6 +168,21 @@ def plan_keep(policy: str, n: int, layer_bytes, budget=None, mem_info=None) -> l
         usable = min(free, int(budget)) - 2 * layer_bytes
     k = max(0, min(n, int(usable // layer_bytes)))
     return [i < k for i in range(n)]
+
+
+def plan_spare(policy: str, keep: list, layer_bytes, budget=None, mem_info=None) -> int:
+    """Bytes of the "auto" budget (as :func:`plan_keep` counts it) left after the kept layers' activations;
+    0 for other policies or without the numbers."""
+    if policy != "auto" or not layer_bytes or mem_info is None:
+        return 0
+    free, total = mem_info
+    if budget is None:
+        usable = free - max(_AUTO_RESERVE * total, _AUTO_RESERVE_MIN) - 2 * layer_bytes
+    elif isinstance(budget, float) and budget <= 1.0:
+        usable = min(free, budget * total) - 2 * layer_bytes
+    else:
+        usable = min(free, int(budget)) - 2 * layer_bytes
+    return max(0, int(usable - sum(keep) * layer_bytes))
 
 
 class _Arena:
@@ -203,7 +224,7 @@ class GraphSet:
     """
 
     def __init__(self, make_run_layer, layers, x_example: torch.Tensor, autocast, emulate: bool, policy: str,
-                 arena: _Arena, pool=None, min_numel: int = 0, budget=None, inputs=None):
+                 arena: _Arena, pool=None, min_numel: int = 0, budget=None, inputs=None, hold_weights=None):
         self.layers, self.autocast, self.emulate = list(layers), autocast, emulate
         # per-call attention inputs (positions, masks, sequence starts): this set's own static copies,
         # refilled before every replay (set_inputs); the layers read them through run_layer
@@ -237,7 +258,14 @@ class GraphSet:
         self.used = [None] * n  # per layer: which parameters got a gradient at capture
         self.saved = [None] * n  # kept layers: (input, output) of the recorded forward, whose graph holds
         self.layer_bytes = self._warm_up(x_example)  # activations one kept layer holds (CUDA), else None
-        self.keep = plan_keep(policy, n, self.layer_bytes, budget, None if emulate else _free_memory())
+        mem_info = None if emulate else _free_memory()
+        self.keep = plan_keep(policy, n, self.layer_bytes, budget, mem_info)
+        # everything kept and memory left: hold the frozen weights dequantised (before capture: the graphs
+        # then read them instead of dequantising); hold_weights(dtype, spare bytes) -> held or not
+        self.resident = False
+        if hold_weights is not None and all(self.keep) and (RESIDENT_ON_CPU if emulate else RESIDENT_ON_CUDA):
+            dtype = autocast["dtype"] if autocast["enabled"] else x_example.dtype
+            self.resident = hold_weights(dtype, plan_spare(policy, self.keep, self.layer_bytes, budget, mem_info))
         self.fwd = [_capture(lambda i=i: self._forward(i), pool, emulate, f"the forward of layer {i}")
                     for i in range(n)]
         self.bwd = [_capture(lambda i=i: self._backward(i), pool, emulate, f"the backward of layer {i}")
@@ -459,6 +487,7 @@ class _State:
         self.arena = _Arena()
         self.pool = None  # one CUDA graph memory pool for every set (temporaries only)
         self.memory_budget = None  # the "auto" planner's budget (plan_keep)
+        self.resident: list = []  # frozen weights held dequantised for the recorded steps (GraphSet.resident)
 
     def __deepcopy__(self, memo):
         return _State(self.mode)  # a copied model records its own graphs (CUDA graphs cannot be copied)
@@ -478,9 +507,33 @@ def _release(st: _State) -> None:
         gs.close()
     st.sets.clear()
     st.arena, st.pool = _Arena(), None
+    release_weights(st)
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def _hold(st: _State, bases: list, dtype: torch.dtype, spare: int) -> bool:
+    """Hold ``bases`` dequantised to ``dtype`` if they fit in ``spare`` bytes (those already held count as
+    fitting); the state remembers them for release. Said once per state."""
+    held = {id(b) for b in st.resident}
+    need = sum(math.prod(b.weight_shape) * dtype.itemsize for b in bases if id(b) not in held)
+    if need > spare:
+        return False
+    for b in bases:
+        b.hold(dtype)
+    st.resident = list({id(b): b for b in st.resident + list(bases)}.values())
+    if need:
+        say(f"memory planner: every layer keeps its activations and {spare / 2**30:.1f} GiB is left: the frozen "
+            f"4-bit weights stay dequantised ({need / 2**30:.1f} GiB), so steps skip their dequantisation")
+    return True
+
+
+def release_weights(st: _State) -> None:
+    """Drop the dequantised copies the state's graphs held (GraphSet.resident)."""
+    for base in st.resident:
+        base.release()
+    st.resident = []
 
 
 def state_of(model) -> _State:
@@ -501,6 +554,7 @@ def set_memory_budget(model, budget) -> None:
         budget = int(budget * 2**30) if budget > 1 else float(budget)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     st = state_of(base)
+    release_weights(st)
     new = _State(st.mode)
     new.memory_budget = budget
     base.__dict__["_velotune_graphs"] = new
@@ -520,6 +574,9 @@ def set_cuda_graphs(model, mode) -> None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if "_velotune_fast" not in base.__dict__:
         raise ValueError("set_cuda_graphs: this model has no velotune fast forward (load it with FastLanguageModel)")
+    old = base.__dict__.get("_velotune_graphs")
+    if old is not None:
+        release_weights(old)
     base.__dict__["_velotune_graphs"] = _State(mode)
 
 
@@ -532,7 +589,7 @@ def autocast_state(device_type: str) -> dict:
 
 
 def run_stack(model, layers, x: torch.Tensor, make_run_layer, key_extra=(), check=lambda: True,
-              policy: str = "recompute", max_tokens: int = 0, inputs=None) -> Optional[torch.Tensor]:
+              policy: str = "recompute", max_tokens: int = 0, inputs=None, frozen_weights=None) -> Optional[torch.Tensor]:
     """The stack's output through CUDA graphs, or None when the eager path should run.
 
     ``make_run_layer(static_inputs)`` returns the eager layer ``run_layer(layer, x)`` reading the
@@ -541,7 +598,9 @@ def run_stack(model, layers, x: torch.Tensor, make_run_layer, key_extra=(), chec
     RoPE tables); ``key_extra`` is anything else that decides which kernels a layer runs (the adapters'
     state, the attention layout); ``check()`` says whether every layer can be recorded,
     asked once before a capture; ``policy`` says how activations reach the backward (POLICIES);
-    ``max_tokens`` sizes the shared buffers for the longest batch expected (batch x max_seq_length).
+    ``max_tokens`` sizes the shared buffers for the longest batch expected (batch x max_seq_length);
+    ``frozen_weights()`` lists the layers' frozen 4-bit weights (``hold(dtype)`` / ``release()`` /
+    ``weight_shape``), which "auto" may hold dequantised when memory is left (RESIDENT_ON_CUDA).
     """
     st = state_of(model)
     if st.mode is False or st.broken is not None:
@@ -577,8 +636,10 @@ def run_stack(model, layers, x: torch.Tensor, make_run_layer, key_extra=(), chec
         if st.pool is None and not emulate:
             st.pool = torch.cuda.graph_pool_handle()
         try:
+            hold = None if frozen_weights is None else (lambda dtype, spare: _hold(st, frozen_weights(), dtype, spare))
             gs = GraphSet(make_run_layer, layers, x.detach(), ac, emulate, policy, st.arena, st.pool,
-                          min_numel=max_tokens * x.shape[-1], budget=st.memory_budget, inputs=inputs)
+                          min_numel=max_tokens * x.shape[-1], budget=st.memory_budget, inputs=inputs,
+                          hold_weights=hold)
         except Exception as e:  # noqa: BLE001 - any capture failure: say why, stay eager (same numerics)
             st.broken = f"{type(e).__name__}: {e}"
             say(f"CUDA graphs could not be captured ({st.broken[:300]}); training continues without them "

@@ -60,6 +60,7 @@ class NF4Weight:
         quant_type: ``"nf4"`` or ``"fp4"``.
         state2: double-quantisation state, or None.
         transposed: True when ``shape`` is ``(in, out)``.
+        resident: the dequantised weight while held (:meth:`hold` / :meth:`release`), else None.
     """
 
     packed: torch.Tensor
@@ -71,6 +72,18 @@ class NF4Weight:
     quant_type: str = "nf4"
     state2: Optional[NestedAbsmax] = None
     transposed: bool = False
+    # the weight dequantised once and kept (hold / release), which the fused kernels read instead of
+    # dequantising again (models/graphs.py: "auto" with memory left); None normally
+    resident: Optional[torch.Tensor] = dataclasses.field(default=None, repr=False)
+
+    def hold(self, dtype: torch.dtype) -> None:
+        """Keep :meth:`dequantize` ``(dtype)`` in ``resident`` (the same values, computed once)."""
+        if self.resident is None or self.resident.dtype != dtype:
+            object.__setattr__(self, "resident", None)  # free the old copy first
+            object.__setattr__(self, "resident", self.dequantize(dtype))
+
+    def release(self) -> None:
+        object.__setattr__(self, "resident", None)
 
     @property
     def out_features(self) -> int:
