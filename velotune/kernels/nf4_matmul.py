@@ -136,7 +136,7 @@ def nf4_matmul(x2: torch.Tensor, weight, block_n: Optional[int] = None) -> torch
     x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
     m, k = x2.shape
     n = weight.shape[0]
-    block_n = block_n or (32 if n <= 4096 else 64)
+    block_n = block_n or 32  # 32 x 256 fp32 tiles: 64 registers a thread for the dequantised tile at 4 warps
     n_tiles = triton.cdiv(n, block_n)
     split = _split_k(n_tiles, k, x2.device)
     k_per_split = triton.cdiv(k // BLOCK_K, split) * BLOCK_K
