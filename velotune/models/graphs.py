@@ -159,15 +159,18 @@ def plan_keep(policy: str, n: int, layer_bytes, budget=None, mem_info=None) -> l
         return [True] * n
     if policy != "auto" or not layer_bytes or mem_info is None:
         return [False] * n
+    k = max(0, min(n, int(_usable(layer_bytes, budget, mem_info) // layer_bytes)))
+    return [i < k for i in range(n)]
+
+
+def _usable(layer_bytes: int, budget, mem_info) -> float:
+    """Bytes the "auto" planner may fill (see plan_keep), two layers' recompute temporaries set aside."""
     free, total = mem_info
     if budget is None:
-        usable = free - max(_AUTO_RESERVE * total, _AUTO_RESERVE_MIN) - 2 * layer_bytes
-    elif isinstance(budget, float) and budget <= 1.0:
-        usable = min(free, budget * total) - 2 * layer_bytes
-    else:
-        usable = min(free, int(budget)) - 2 * layer_bytes
-    k = max(0, min(n, int(usable // layer_bytes)))
-    return [i < k for i in range(n)]
+        return free - max(_AUTO_RESERVE * total, _AUTO_RESERVE_MIN) - 2 * layer_bytes
+    if isinstance(budget, float) and budget <= 1.0:
+        return min(free, budget * total) - 2 * layer_bytes
+    return min(free, int(budget)) - 2 * layer_bytes
 
 
 def plan_spare(policy: str, keep: list, layer_bytes, budget=None, mem_info=None) -> int:
@@ -175,14 +178,7 @@ def plan_spare(policy: str, keep: list, layer_bytes, budget=None, mem_info=None)
     0 for other policies or without the numbers."""
     if policy != "auto" or not layer_bytes or mem_info is None:
         return 0
-    free, total = mem_info
-    if budget is None:
-        usable = free - max(_AUTO_RESERVE * total, _AUTO_RESERVE_MIN) - 2 * layer_bytes
-    elif isinstance(budget, float) and budget <= 1.0:
-        usable = min(free, budget * total) - 2 * layer_bytes
-    else:
-        usable = min(free, int(budget)) - 2 * layer_bytes
-    return max(0, int(usable - sum(keep) * layer_bytes))
+    return max(0, int(_usable(layer_bytes, budget, mem_info) - sum(keep) * layer_bytes))
 
 
 class _Arena:
