@@ -25,7 +25,8 @@ import time
 
 from _child import write_result
 
-PEERS = ["velotune", "velotune_eager", "velotune_auto", "velotune_recompute", "hf", "unsloth", "liger"]
+PEERS = ["velotune", "velotune_eager", "velotune_auto", "velotune_auto_resident", "velotune_recompute", "hf", "unsloth",
+         "liger"]
 # use_gradient_checkpointing per peer: the seed's (and Unsloth's) "unsloth" = offloaded checkpointing
 GC = {"velotune": "unsloth", "velotune_eager": "unsloth", "velotune_auto": "auto", "velotune_auto_resident": "auto",
       "velotune_recompute": True,
@@ -49,7 +50,8 @@ def load_peer(peer: str, ckpt: str, seq: int):
         from velotune.models import graphs, offload
 
         gc = GC[peer]
-        graphs.RESIDENT_ON_CUDA = peer == "velotune_auto_resident"  # "auto" holding the 4-bit weights dequantised
+        if peer == "velotune_auto_resident":  # "auto" holding the 4-bit weights dequantised (the default since
+            graphs.RESIDENT_ON_CUDA = True  # 2026-11-28; this peer says so whatever the default)
         if not (graphs.KEEP_ON_CUDA and offload.ENABLED_ON_CUDA):
             raise RuntimeError("a velotune GPU path is switched off (velotune env); this benchmark measures them on")
         model, _ = FastLanguageModel.from_pretrained(ckpt, max_seq_length=seq, dtype=torch.bfloat16, load_in_4bit=True)

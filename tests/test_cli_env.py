@@ -77,8 +77,8 @@ def test_switched_off_gpu_paths_are_listed(monkeypatch):
     from velotune.models import generation, graphs, offload
 
     assert env._pending_line(cuda=False) == "GPU paths: n/a (no CUDA GPU)"
-    line = env._pending_line(cuda=True)  # the defaults: the two paths written without a GPU are off
-    assert "few-row 4-bit matmul" in line and "parameter views" in line
+    line = env._pending_line(cuda=True)  # the defaults: the few-row 4-bit matmul, slower on the GPU, is off
+    assert "few-row 4-bit matmul" in line and "parameter views" not in line and "held dequantised" not in line
     for mod, attr in ((offload, "ENABLED_ON_CUDA"), (graphs, "KEEP_ON_CUDA"), (graphs, "STATIC_INPUTS_ON_CUDA"),
                       (generation, "DECODE_ON_CUDA"), (nf4_matmul, "ON_CUDA"), (graphs, "PARAM_VIEWS"),
                       (graphs, "RESIDENT_ON_CUDA")):

@@ -212,8 +212,8 @@ def _four_steps(model, batch, before_step=None):
 
 def test_cuda_graphs_auto_with_held_4bit_weights(tmp_path, monkeypatch):
     """"auto" with every layer kept and memory left, the 4-bit weights held dequantised (graphs.RESIDENT_ON_CUDA):
-    captured, the weights held, 4 QLoRA steps like the recompute path without graphs. When this passes and
-    bench/run_train_step.py's velotune_auto_resident peer is faster than velotune_auto, set RESIDENT_ON_CUDA."""
+    captured, the weights held, 4 QLoRA steps like the recompute path without graphs (the default since it
+    passed on an H200 and measured faster: bench/run_train_step.py, 2026-11-28)."""
     from velotune import set_cuda_graphs
     from velotune.models import graphs
 
@@ -235,7 +235,8 @@ def test_cuda_graphs_capture_after_eager_step_and_under_ddp(tmp_path, monkeypatc
     error during capture", then eager): a capture at the second step while the first step's loss is still
     referenced, and a model wrapped in DistributedDataParallel (which keeps every parameter's AccumulateGrad
     node from wrapping on; 8B step on 2 x H200). With the recorded backwards differentiating views of the
-    parameters both capture and train like eager. When this passes, set graphs.PARAM_VIEWS = True."""
+    parameters both capture and train like eager (graphs.PARAM_VIEWS = True, the default since this passed on an
+    H200, 2026-11-28)."""
     import torch.distributed as dist
 
     from velotune import set_cuda_graphs
@@ -255,7 +256,7 @@ def test_cuda_graphs_capture_after_eager_step_and_under_ddp(tmp_path, monkeypatc
         del model
     _assert_runs_agree(runs)
 
-    monkeypatch.setattr(graphs, "PARAM_VIEWS", None)  # the default: views in a process group
+    monkeypatch.setattr(graphs, "PARAM_VIEWS", None)  # views only in a process group: DDP alone needs them
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         runs = {}
@@ -276,6 +277,7 @@ def test_fsdp_shards_a_host_memory_model_onto_the_gpu(tmp_path):
     """A 4-bit model loaded with device_map="cpu" (how a model bigger than one GPU is loaded) is sharded by
     fsdp_shard onto this GPU: every parameter and bitsandbytes' quant states end up on CUDA, and 4 steps train
     like the same pre-quantized checkpoint loaded on the GPU and sharded (one rank, NCCL)."""
+    import bitsandbytes as bnb
     import torch.distributed as dist
 
     from velotune.distributed import fsdp_shard
@@ -288,17 +290,25 @@ def test_fsdp_shards_a_host_memory_model_onto_the_gpu(tmp_path):
     plain = lambda step, ids: dict(input_ids=ids, labels=ids)  # noqa: E731
     dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        runs = {}
+        runs, lora = {}, None
         for on_cpu in (False, True):
             model, _ = FastLanguageModel.from_pretrained(str(tmp_path / "nf4"), dtype=torch.bfloat16, load_in_4bit=True,
                                                          max_seq_length=1024, **({"device_map": "cpu"} if on_cpu else {}))
             assert next(model.parameters()).device.type == ("cpu" if on_cpu else "cuda")
             model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, random_state=3)
             randomize_lora_b(model, seed=5, std=0.02)
+            # the adapter's random init draws from the device's generator: both runs start from the first's
+            if lora is None:
+                lora = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+            else:
+                with torch.no_grad():
+                    for n, p in model.named_parameters():
+                        if p.requires_grad:
+                            p.copy_(lora.pop(n))
+                assert not lora
             fsdp_shard(model.train())
             assert all(p.device.type == "cuda" for p in model.parameters())
-            states = [getattr(mod, "quant_state", None) or mod.weight.quant_state for mod in model.modules()
-                      if type(mod).__name__ == "Linear4bit"]
+            states = [mod.quant_state for mod in model.modules() if isinstance(mod, bnb.nn.Linear4bit)]
             assert states and all(q.absmax.is_cuda and q.code.is_cuda for q in states)
             runs[on_cpu] = _four_steps(model, plain)
             del model

@@ -378,11 +378,14 @@ def test_graph_path_with_parameter_views_trains_like_eager(tiny_dir, emulate, gc
         torch.testing.assert_close(w_g[n], w_e[n], rtol=1e-4, atol=1e-6)
 
 
-def test_parameter_views_default_follows_process_group(monkeypatch):
-    """PARAM_VIEWS=None: views in a process of a torch.distributed group (DDP), the parameters elsewhere."""
+def test_parameter_views_switch(monkeypatch):
+    """PARAM_VIEWS: True (the default) views everywhere; None views in a process of a torch.distributed group
+    (DDP), the parameters elsewhere; False the parameters."""
     import torch.distributed as dist
 
-    assert graphs.PARAM_VIEWS is None and not graphs._param_views()
+    assert graphs.PARAM_VIEWS is True and graphs._param_views()
+    monkeypatch.setattr(graphs, "PARAM_VIEWS", None)
+    assert not graphs._param_views()
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     assert graphs._param_views()
     monkeypatch.setattr(graphs, "PARAM_VIEWS", False)

@@ -96,7 +96,8 @@ def test_not_supported_says_why():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gpu_compiled_matches_dequantise_then_gemm(m, n, k, dtype):
     """The compiled kernel at Llama-8B widths (q / k,v / down / 70B gate / up), double-quantised NF4: the
-    oracle's operands, fp32 sums (bf16: one ulp of the output; fp32: the kernel's ieee dot, rtol 1e-5)."""
+    oracle's operands, fp32 sums (bf16: one ulp of the output plus fp32 summation-order error, below;
+    fp32: the kernel's ieee dot, rtol 1e-5)."""
     w = _weight(n, k, 64, True, seed=n + k)
     w = NF4Weight(packed=w.packed.cuda(), absmax=w.absmax.cuda(), code=w.code.cuda(), shape=w.shape,
                   blocksize=64, dtype=torch.float32, state2=_cuda_state2(w.state2))
@@ -106,7 +107,11 @@ def test_gpu_compiled_matches_dequantise_then_gemm(m, n, k, dtype):
     if dtype == torch.float32:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
     else:
-        assert ((got.float() - want.float()).abs() <= _ulp(want) + 1e-6).all()
+        # K up to 14336: where the sum cancels, the fp32 sums' orders (split-K tiles vs cuBLAS) differ by more
+        # than one bf16 ulp of a small output; allowed: one ulp + 2^-16 of the sum of |x_i w_i| (a wrong nibble
+        # or scale moves an output by ~1/K of that sum or more: 7e-5 at K=14336)
+        scale = x.float().abs() @ w.dequantize(torch.float32).abs().t()
+        assert ((got.float() - want.float()).abs() <= _ulp(want) + scale * 2.0**-16).all()
 
 
 def _cuda_state2(s2):

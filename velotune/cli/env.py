@@ -113,7 +113,7 @@ def _pending_line(cuda: bool) -> str:
              "fused generation path": generation.DECODE_ON_CUDA, "recorded decode steps": decode_graphs.ENABLED,
              "few-row 4-bit matmul for decoding": nf4_matmul.ON_CUDA,
              "4-bit weights held dequantised (auto, memory left)": graphs.RESIDENT_ON_CUDA,
-             "parameter views in recorded backwards (outside DDP)": bool(graphs.PARAM_VIEWS)}
+             "parameter views in recorded backwards (outside DDP)": graphs.PARAM_VIEWS is not False}
     waiting = [name for name, on in flags.items() if not on]
     if not cuda:
         return "GPU paths: n/a (no CUDA GPU)"

@@ -30,9 +30,11 @@ except ImportError:  # the reference path still works
     triton = None
 
 # Where kernels/lora.py takes this kernel for few-row products (else dequantise + GEMM, same operands).
-# Off on CUDA until tests/test_fast_forward_gpu.py::test_recorded_decode_matches_hf has run with it on a GPU
-# and bench/decode.py's velotune_gemv peer shows it faster (written without a GPU, 2026-11-28). ON_CPU:
-# tests run it through Triton's interpreter (TRITON_INTERPRET=1).
+# Off on CUDA: correct there (tests/kernels/test_nf4_matmul.py's compiled cases and the recorded decode vs HF
+# passed on an H200, 2026-11-28) but slower: bench/decode.py 8B at batch 1, 14.7 tok/s with it vs 40.7
+# without (batch 8: 115 vs 348), same run. Its per-element code-table gathers and byte loads are the
+# suspects; it needs a faster inner loop before it is worth switching on. ON_CPU: tests run it through
+# Triton's interpreter (TRITON_INTERPRET=1).
 ON_CUDA = False
 ON_CPU = False
 

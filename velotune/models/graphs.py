@@ -35,7 +35,7 @@ benchmark (after one eager step whose loss was still referenced) failed on the G
 due to a previous error during capture", in the first backward graph), as did every capture under DDP
 (8B, 2 x H200): autograd waited on the default stream of the parameters' AccumulateGrad nodes, kept
 alive from before the capture. Recorded backwards that differentiate views of the parameters avoid
-those nodes (PARAM_VIEWS: on in torch.distributed processes; elsewhere once its GPU test has run). A
+those nodes (PARAM_VIEWS, on: both cases capture on an H200 since, and DDP scales 1.91x with it). A
 failed capture is said once, its memory given back, and training continues eagerly with the same numerics.
 
 Limits, each checked with a clear error or an eager fallback: one forward per backward (a second
@@ -75,10 +75,10 @@ CAPTURE_ERROR_MODE = "global"
 # 2 x H200, 2026-11-28: "operation failed due to a previous error during capture" in the first backward
 # graph, after torch's warning of an AccumulateGrad stream mismatch: DDP keeps those nodes from wrapping
 # on), as did a capture at the second step while the first step's loss was still referenced.
-# None: views in processes of a torch.distributed group (where the parameters' path is known to fail),
-# the parameters elsewhere, until tests/test_fast_forward_gpu.py::
-# test_cuda_graphs_capture_after_eager_step_and_under_ddp has run on a GPU (written without one).
-PARAM_VIEWS: Optional[bool] = None
+# True: views everywhere (tests/test_fast_forward_gpu.py::test_cuda_graphs_capture_after_eager_step_and_under_ddp
+# passed on an H200, 2026-11-28, 6th session; DDP 8B on 2 x H200: 1.91x one rank with graphs recorded);
+# False: the parameters themselves; None: views only in processes of a torch.distributed group.
+PARAM_VIEWS: Optional[bool] = True
 
 
 def _param_views() -> bool:
@@ -139,9 +139,11 @@ POLICIES = ("keep", "recompute", "offload", "auto")
 KEEP_ON_CUDA = True
 # "auto", when every layer keeps its activations and memory is still left: the frozen 4-bit weights of the
 # layers are kept dequantised (the values every step dequantises anyway, held once) so the recorded steps
-# launch no dequantisation (5-8% of the 8B step's GPU time on an H200). Off on CUDA until bench/run_train_step.py's
-# velotune_auto_resident peer has run (written without a GPU, 2026-11-28); ON_CPU: tests, with the emulation.
-RESIDENT_ON_CUDA = False
+# launch no dequantisation. On since tests/test_fast_forward_gpu.py::test_cuda_graphs_auto_with_held_4bit_weights
+# passed on an H200 and bench/run_train_step.py measured it (8B, bs 2 x 2048, same run: 15.72K tok/s held vs
+# 14.92K not, the same first losses; peak 46.8 GiB vs 20.8: memory "auto" had left over). ON_CPU: tests,
+# with the emulation.
+RESIDENT_ON_CUDA = True
 RESIDENT_ON_CPU = False
 _AUTO_RESERVE = 0.10  # "auto" without a budget: leave this fraction of the card free ...
 _AUTO_RESERVE_MIN = 2 << 30  # ... and at least this much (the loss, optimizer and allocator slack)
