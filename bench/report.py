@@ -48,36 +48,45 @@ def train_step_section(rows: list[dict]) -> list[str]:
         if r.get("bench") == "qlora_train_step":
             by_shape[r["shape"]].append(r)
     for shape, rs in sorted(by_shape.items()):
-        latest = max(r["run_id"] for r in rs)
-        cur = [r for r in rs if r["run_id"] == latest]
-        ref = {r["peer"]: r for r in cur if "error" not in r and not r.get("note")}
-        hf_loss = ref.get("hf", {}).get("losses", [None])[0]
-        uns = ref.get("unsloth", {}).get("tokens_per_s")
-        v = cur[0]["versions"]
-        out += [f"### {shape} — {cur[0]['card']}, run {latest}", "",
-                f"torch {v.get('torch')}, transformers {v.get('transformers')}, peft {v.get('peft')}, "
-                f"bitsandbytes {v.get('bitsandbytes')}, unsloth {v.get('unsloth')}, liger-kernel "
-                f"{v.get('liger-kernel')}, triton {v.get('triton')}, velotune {v.get('velotune_commit')}", "",
-                "| peer | gc | tokens/s | × Unsloth | peak alloc GiB | peak reserved GiB | graph pool GiB "
-                "| median step s | first loss | Δ first loss vs HF |",
-                "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        for r in cur:
-            if "error" in r:
-                out.append(f"| {r['peer']} | | failed: {r['error'][:120]} | | | | | | | |")
-                continue
-            first = r["losses"][0] if r.get("losses") else None
-            ratio = f"{r['tokens_per_s'] / uns:.2f}" if uns else "—"
-            delta = f"{first - hf_loss:+.4f}" if first is not None and hf_loss is not None else "—"
-            peer = f"{r['peer']} ({r['note']})" if r.get("note") else r["peer"]
-            out.append(f"| {peer} | {_fmt(r.get('gc'))} | {_fmt(r['tokens_per_s'], 0)} | {ratio} | "
-                       f"{_fmt(r['peak_alloc_gib'], 2)} | {_fmt(r.get('peak_reserved_gib'), 2)} | "
-                       f"{_fmt(r.get('graph_pool_gib'), 2)} | {_fmt(r['median_step_s'], 3)} | {_fmt(first, 4)} | {delta} |")
-        out.append("")
-        older = sorted({r["run_id"] for r in rs} - {latest})
+        runs = sorted({r["run_id"] for r in rs})
+        shown = [runs[-1]]
+        full = [run for run in runs if {"velotune", "unsloth", "hf"} <= {r["peer"] for r in rs if r["run_id"] == run}]
+        if full and full[-1] not in shown:  # the latest run compared fewer peers: also the last one with all
+            shown.insert(0, full[-1])
+        for run in shown:
+            out += _train_step_table(shape, [r for r in rs if r["run_id"] == run])
+        older = [run for run in runs if run not in shown]
         if older:
             out.append(f"Earlier runs of this shape: {', '.join(older)} (in bench/results/).")
             out.append("")
     return out
+
+
+def _train_step_table(shape: str, cur: list[dict]) -> list[str]:
+    """One run's table: the peers of one command on one card (× Unsloth and Δ loss vs HF within the run)."""
+    ref = {r["peer"]: r for r in cur if "error" not in r and not r.get("note")}
+    hf_loss = ref.get("hf", {}).get("losses", [None])[0]
+    uns = ref.get("unsloth", {}).get("tokens_per_s")
+    v = cur[0]["versions"]
+    out = [f"### {shape} — {cur[0]['card']}, run {cur[0]['run_id']}", "",
+           f"torch {v.get('torch')}, transformers {v.get('transformers')}, peft {v.get('peft')}, "
+           f"bitsandbytes {v.get('bitsandbytes')}, unsloth {v.get('unsloth')}, liger-kernel "
+           f"{v.get('liger-kernel')}, triton {v.get('triton')}, velotune {v.get('velotune_commit')}", "",
+           "| peer | gc | tokens/s | × Unsloth | peak alloc GiB | peak reserved GiB | graph pool GiB "
+           "| median step s | first loss | Δ first loss vs HF |",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in cur:
+        if "error" in r:
+            out.append(f"| {r['peer']} | | failed: {r['error'][:120]} | | | | | | | |")
+            continue
+        first = r["losses"][0] if r.get("losses") else None
+        ratio = f"{r['tokens_per_s'] / uns:.2f}" if uns else "—"
+        delta = f"{first - hf_loss:+.4f}" if first is not None and hf_loss is not None else "—"
+        peer = f"{r['peer']} ({r['note']})" if r.get("note") else r["peer"]
+        out.append(f"| {peer} | {_fmt(r.get('gc'))} | {_fmt(r['tokens_per_s'], 0)} | {ratio} | "
+                   f"{_fmt(r['peak_alloc_gib'], 2)} | {_fmt(r.get('peak_reserved_gib'), 2)} | "
+                   f"{_fmt(r.get('graph_pool_gib'), 2)} | {_fmt(r['median_step_s'], 3)} | {_fmt(first, 4)} | {delta} |")
+    return out + [""]
 
 
 def gguf_section(rows: list[dict]) -> list[str]:

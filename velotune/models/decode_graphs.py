@@ -24,6 +24,8 @@ from typing import Callable, Optional
 
 import torch
 
+from .pointers import Slots
+
 # Record decode steps where the generation path runs with a static cache (on CUDA the generation path
 # runs only for such caches: generation.DECODE_ON_CUDA).
 ENABLED = True
@@ -48,38 +50,13 @@ def cache_pointers(cache) -> tuple:
                   tuple(layer.keys.shape), tuple(layer.values.shape)) for layer in cache.layers)
 
 
-# Bumped by torch's global registration hooks whenever a parameter or a submodule is assigned to any module:
-# the (module._parameters, name) slots weight_pointers reads stay valid until then.
-_registrations = 0
-_hooks = None
-
-
-def _count_registration(*args) -> None:
-    global _registrations
-    _registrations += 1
-    return None  # keep what is being registered
-
-
 def weight_pointers(model, layers) -> tuple:
     """The address of every parameter of ``layers``, read per decode step (moved, re-loaded or replaced
-    weights must record again). Walking ``layer.parameters()`` cost ~6 ms of host time per step for an 8B
-    model with LoRA on 7 targets; reading cached ``(module._parameters, name)`` slots ~0.15 ms. The slots
-    are rebuilt when any parameter or submodule has been registered anywhere since (counted by torch's
-    global registration hooks) or the layers changed; each read goes through the module's own dict, so a
-    parameter swapped in place of another (even by a direct dict write) is seen."""
-    global _hooks
-    if _hooks is None:
-        from torch.nn.modules import module as nn_module
-
-        _hooks = (nn_module.register_module_parameter_registration_hook(_count_registration),
-                  nn_module.register_module_module_registration_hook(_count_registration))
-    cached = model.__dict__.get("_velotune_weight_slots")
-    ids = tuple(id(layer) for layer in layers)
-    if cached is None or cached[0] != _registrations or cached[1] != ids:
-        slots = [(mod._parameters, name) for layer in layers for mod in layer.modules()
-                 for name, p in mod._parameters.items() if p is not None]
-        cached = model.__dict__["_velotune_weight_slots"] = (_registrations, ids, slots)
-    return tuple(p.data_ptr() if (p := d.get(name)) is not None else 0 for d, name in cached[2])
+    weights must record again), through slots cached on ``model`` (see velotune.models.pointers)."""
+    slots = model.__dict__.get("_velotune_weight_slots")
+    if slots is None:
+        slots = model.__dict__["_velotune_weight_slots"] = Slots()
+    return slots.read(layers)
 
 
 def _static(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

@@ -54,6 +54,7 @@ from typing import Optional
 import torch
 
 from .._notices import say, say_once
+from .pointers import Slots
 
 # "auto": record the first _MAX_CAPTURES batch shapes; True: record every new shape; False: never.
 # Set per model with set_cuda_graphs().
@@ -237,6 +238,7 @@ class GraphSet:
         self.param_slots = [_slots(layer) for layer in self.layers]  # (module, name) of each, same order
         self.param_views = _param_views()
         self.flat_params = [p for ps in self.params for p in ps]
+        self._slots = Slots(grad_flags=True, buffers=True)
         self.ptrs = self.current_ptrs()
         n = len(self.layers)
         shape, dt, dev = tuple(x_example.shape), x_example.dtype, x_example.device
@@ -280,11 +282,11 @@ class GraphSet:
         if self.offload and self.side is not None:
             torch.cuda.current_stream().wait_stream(self.side)
 
-    def current_ptrs(self):
+    def current_ptrs(self) -> tuple:
         """Where every tensor the graphs read lives: all parameters and buffers of the layers (frozen 4-bit
-        storage included: moving the model re-allocates it) and whether each parameter trains."""
-        ptrs = [(p.data_ptr(), p.requires_grad) for layer in self.layers for p in layer.parameters()]
-        return ptrs + [b.data_ptr() for layer in self.layers for b in layer.buffers()]
+        storage included: moving the model re-allocates it) and whether each parameter trains. Read every
+        step through cached slots (velotune.models.pointers: ~0.15 ms instead of ~6 ms at 8B)."""
+        return self._slots.read(self.layers)
 
     def input_of(self, i: int) -> torch.Tensor:
         """The static GPU buffer that holds layer ``i``'s input (``i == len(layers)``: the output)."""

@@ -1,0 +1,64 @@
+"""The addresses of a module tree's parameters (and buffers), read every step without walking the tree.
+
+Recorded CUDA graphs keep addresses, not tensors, so before each replay the caller checks that every
+weight is still where it was recorded (moved, re-loaded, replaced or (un)frozen weights must record
+again). Walking ``layer.parameters()`` for that cost ~6 ms of host time per step for an 8B model with LoRA
+on 7 targets (~740 parameters; module traversal in Python), at every decode token and every training
+step. :class:`Slots` reads cached ``(module._parameters, name)`` slots instead (~0.15 ms). The slots are
+rebuilt when any parameter, buffer or submodule has been registered anywhere since (counted by torch's
+global registration hooks) or the layers changed; each read goes through the module's own dict, so a
+tensor swapped in place of another (even by a direct dict write) or a ``.data`` swap is seen.
+"""
+from __future__ import annotations
+
+# Bumped by torch's global registration hooks whenever a parameter, buffer or submodule is assigned to any
+# module: cached slots stay valid until then.
+_registrations = 0
+_hooks = None
+
+
+def _count_registration(*args) -> None:
+    global _registrations
+    _registrations += 1
+    return None  # keep what is being registered
+
+
+def _install_hooks() -> None:
+    global _hooks
+    if _hooks is None:
+        from torch.nn.modules import module as nn_module
+
+        _hooks = (nn_module.register_module_parameter_registration_hook(_count_registration),
+                  nn_module.register_module_buffer_registration_hook(_count_registration),
+                  nn_module.register_module_module_registration_hook(_count_registration))
+
+
+class Slots:
+    """``read(layers)``: the address of every parameter of ``layers`` (with ``grad_flags``, paired with its
+    ``requires_grad``), then with ``buffers`` every buffer's address; a tuple, equal between two reads
+    exactly when nothing a recording depends on has moved. One instance per owner (a model, a graph set)."""
+
+    def __init__(self, grad_flags: bool = False, buffers: bool = False):
+        self.grad_flags, self.buffers = grad_flags, buffers
+        self._key = None
+        self._params: list = []
+        self._bufs: list = []
+
+    def read(self, layers) -> tuple:
+        _install_hooks()
+        key = (_registrations, tuple(id(layer) for layer in layers))
+        if key != self._key:
+            mods = [mod for layer in layers for mod in layer.modules()]
+            self._params = [(mod._parameters, name) for mod in mods
+                            for name, p in mod._parameters.items() if p is not None]
+            self._bufs = [(mod._buffers, name) for mod in mods
+                          for name, b in mod._buffers.items() if b is not None] if self.buffers else []
+            self._key = key
+        # an entry set to None (e.g. ``module.bias = None``) is skipped, as parameters() skips it
+        if self.grad_flags:
+            out = tuple((p.data_ptr(), p.requires_grad) for d, name in self._params if (p := d.get(name)) is not None)
+        else:
+            out = tuple(p.data_ptr() for d, name in self._params if (p := d.get(name)) is not None)
+        if self.buffers:
+            out += tuple(b.data_ptr() for d, name in self._bufs if (b := d.get(name)) is not None)
+        return out
