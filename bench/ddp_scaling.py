@@ -141,8 +141,8 @@ def main() -> int:
     p.add_argument("--rank-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--ckpt")
     p.add_argument("--json")
-    p.add_argument("--shape", default="8b", choices=["1b", "8b", "70b", "tiny"],
-                   help="70b: built pre-quantized in 4 bits (run_train_step.make_4bit_checkpoint)")
+    p.add_argument("--shape", default="8b", choices=["1b", "8b", "70b", "123b", "tiny"],
+                   help="70b, 123b: built pre-quantized in 4 bits (run_train_step.make_4bit_checkpoint)")
     p.add_argument("--mode", default="ddp", choices=["ddp", "fsdp"])
     p.add_argument("--gpus", type=int, default=2, help="the world size compared with 1")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -166,10 +166,10 @@ def main() -> int:
         write_result(path, lambda: rank_run(args), lambda msg: {"mode": args.mode, "error": msg})
         return 0
     sys.path.insert(0, str(HERE))
-    from run_train_step import bench_checkpoint, run_context
+    from run_train_step import PREQUANTIZED, bench_checkpoint, run_context
 
     work = Path(args.workdir)
-    ckpt = bench_checkpoint(args.shape, work, **({"device": args.device} if args.shape == "70b" else {}))
+    ckpt = bench_checkpoint(args.shape, work, **({"device": args.device} if args.shape in PREQUANTIZED else {}))
     card, run_id, vers = run_context(args.device)
     rows = []
     for world in args.worlds or (1, args.gpus):

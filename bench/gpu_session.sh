@@ -47,8 +47,8 @@ if [[ $what == ddp ]]; then  # a multi-GPU machine (kind nvidia-h100-x2): 1 vs G
   timeout 200 python bench/ddp_scaling.py --shape 8b --gpus ${GPUS:-2} --mode fsdp --timeout 95 --warmup 2 --steps 6 \
     --results "$OUT/ddp_scaling.jsonl" --workdir /tmp/vb 2>&1 | grep "\[ddp\]" | tee -a "$OUT/ddp.txt"
 fi
-if [[ $what == fsdp70b ]]; then  # issue #8: Llama-70B shape, FSDP2 QLoRA on 2 ranks capped at 79 GiB (2 x 80 GB cards)
-  timeout 560 python bench/ddp_scaling.py --shape 70b --mode fsdp --gpus ${GPUS:-2} --worlds ${WORLDS:-2} --cap-gib ${CAP:-79} --host-load \
+if [[ $what == fsdp70b ]]; then  # issue #8: Llama-70B shape (SHAPE=123b: Mistral-Large), FSDP2 QLoRA on 2 ranks capped at 79 GiB
+  timeout 560 python bench/ddp_scaling.py --shape ${SHAPE:-70b} --mode fsdp --gpus ${GPUS:-2} --worlds ${WORLDS:-2} --cap-gib ${CAP:-79} --host-load \
     --warmup 2 --steps 4 --timeout 420 --results "$OUT/ddp_scaling.jsonl" --workdir /tmp/vb 2>&1 | grep "\[ddp\]\|velotune\|Error" | tee "$OUT/fsdp70b.txt"
 fi
 if [[ $what == gguf ]]; then  # issue #5: q4_k_m of an 8B-shape model end to end (target <= 2 min on the GPU)

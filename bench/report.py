@@ -86,6 +86,8 @@ def _train_step_table(shape: str, cur: list[dict]) -> list[str]:
         out.append(f"| {peer} | {_fmt(r.get('gc'))} | {_fmt(r['tokens_per_s'], 0)} | {ratio} | "
                    f"{_fmt(r['peak_alloc_gib'], 2)} | {_fmt(r.get('peak_reserved_gib'), 2)} | "
                    f"{_fmt(r.get('graph_pool_gib'), 2)} | {_fmt(r['median_step_s'], 3)} | {_fmt(first, 4)} | {delta} |")
+    if not uns:
+        out += ["", "No Unsloth row in this run (its command ended before that peer ran): no ratio to quote from it."]
     return out + [""]
 
 

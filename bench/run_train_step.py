@@ -32,7 +32,14 @@ SHAPES = {
     # Llama-3.1-70B: only as a pre-quantized 4-bit checkpoint (make_4bit_checkpoint; 140 GB in bf16)
     "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                 num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
+    # Mistral-Large-2 (123B) widths and vocabulary on the Llama architecture, pre-quantized only: ~62 GB of
+    # 4-bit layers + 0.8 GB of bf16 embeddings (~32 GB a rank on 2); the largest open dense shape below
+    # 2 x 80 GB in 4 bits (405B: ~230 GB)
+    "123b": dict(hidden_size=12288, intermediate_size=28672, num_hidden_layers=88, num_attention_heads=96,
+                 num_key_value_heads=8, head_dim=128, tie_word_embeddings=False, vocab_size=32768, bos_token_id=1,
+                 eos_token_id=2),
 }
+PREQUANTIZED = ("70b", "123b")  # built as 4-bit checkpoints (make_4bit_checkpoint), never in bf16
 LLAMA3 = dict(vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5, bos_token_id=128000,
               eos_token_id=128001, rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                                                     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -59,7 +66,7 @@ def make_checkpoint(shape: str, folder: Path, **overrides) -> Path:
 
     if (folder / "config.json").is_file():
         return folder
-    cfg = LlamaConfig(**{**SHAPES[shape], **LLAMA3, **overrides})
+    cfg = LlamaConfig(**{**LLAMA3, **SHAPES[shape], **overrides})
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
@@ -82,7 +89,7 @@ def make_4bit_checkpoint(shape: str, folder: Path, device: str = "cuda", **overr
 
     if (folder / "config.json").is_file():
         return folder
-    cfg = LlamaConfig(**{**SHAPES[shape], **LLAMA3, **overrides})
+    cfg = LlamaConfig(**{**LLAMA3, **SHAPES[shape], **overrides})
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -121,15 +128,15 @@ def make_4bit_checkpoint(shape: str, folder: Path, device: str = "cuda", **overr
 
 def bench_checkpoint(shape: str, work: Path, name: str | None = None, **overrides) -> Path:
     """The benchmark checkpoint of ``shape`` in ``work`` (built once, reused): "tiny" (the CPU smoke
-    model), "70b" (pre-quantized 4-bit: make_4bit_checkpoint, built on the GPU), else a bf16 random Llama;
+    model), "70b" / "123b" (pre-quantized 4-bit: make_4bit_checkpoint, built on the GPU), else a bf16 random Llama;
     ``name`` names its folder (default ``llama-{shape}``), ``overrides`` change config fields."""
     work.mkdir(parents=True, exist_ok=True)
     if shape == "tiny":
         from packing import tiny_checkpoint
 
         return tiny_checkpoint(work / (name or "llama-tiny"))
-    if shape == "70b":
-        return make_4bit_checkpoint(shape, work / (name or "llama-70b-nf4"), **overrides)
+    if shape in PREQUANTIZED:
+        return make_4bit_checkpoint(shape, work / (name or f"llama-{shape}-nf4"), **overrides)
     return make_checkpoint(shape, work / (name or f"llama-{shape}"), **overrides)
 
 
