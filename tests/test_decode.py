@@ -267,3 +267,19 @@ def test_lora_state_from_instance_dicts_equals_peft_attributes(tiny_dir):
     check()
     model.unmerge_adapter()
     check()
+
+
+def test_recorded_decode_steps_register_nothing(tiny_dir, monkeypatch):
+    """Generating registers no module, parameter or buffer per token (a ModuleList slice of the layers did),
+    so the decode key's cached address slots (models/pointers.py) are read, not rebuilt, per token."""
+    from velotune.models import decode_graphs, pointers
+
+    monkeypatch.setattr(decode_graphs, "EMULATE_ON_CPU", True)
+    model, tok = FastLanguageModel.from_pretrained(tiny_dir("llama"), load_in_4bit=False, max_seq_length=128)
+    model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, random_state=3)
+    FastLanguageModel.for_inference(model)
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    _generate(model, enc, fast=True)
+    before = pointers._registrations
+    _, calls = _generate(model, enc, fast=True)
+    assert len(calls) > 3 and pointers._registrations == before

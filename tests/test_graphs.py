@@ -441,3 +441,18 @@ def test_plan_spare_counts_what_the_kept_layers_leave():
     assert graphs.plan_spare("auto", keep, gib, mem_info=(40 * gib, 80 * gib)) == int(40 * gib - 8 * gib) - 4 * gib
     assert graphs.plan_spare("auto", [True] * 30, gib, budget=10 * gib, mem_info=(40 * gib, 80 * gib)) == 0
     assert graphs.plan_spare("recompute", keep, gib, mem_info=(40 * gib, 80 * gib)) == 0
+
+
+@pytest.mark.parametrize("gc", [True, "unsloth"])
+def test_graphed_steps_register_nothing(tiny_dir, emulate, gc):
+    """A graphed training step registers no module, parameter or buffer anywhere (a ModuleList slice of the
+    layers did, 32 modules a step at 8B): the cached address slots of the graphs' key (models/pointers.py)
+    are then read, not rebuilt, every step."""
+    from velotune.models import pointers
+
+    model = _model(tiny_dir, gc=gc)
+    set_cuda_graphs(model, True)
+    _train(model, 2)
+    before = pointers._registrations
+    _train(model, 2)
+    assert pointers._registrations == before and _captures(model) == 1

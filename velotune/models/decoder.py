@@ -343,7 +343,7 @@ def _backbone(self, spec, input_ids, attention_mask, position_ids):
             mask = A.packed_mask(restart, mask, t, x.device)
     plan = _Plan(spec, config, cos, sin, position_ids, mask, restart, segments, activation_of(config, spec))
     gc = getattr(backbone, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled()
-    layers = backbone.layers[: config.num_hidden_layers]
+    layers = list(backbone.layers)[: config.num_hidden_layers]  # a ModuleList slice registers its modules
     attn_plans = [_layer_attention(layer, config, spec, plan, t, x.device) for layer in layers]
     fsdp = [_is_fsdp(layer) for layer in layers]
     sharded = any(fsdp)

@@ -110,7 +110,7 @@ def cached_forward(self, spec, input_ids, attention_mask, position_ids, past_key
         sliding = any(_layer_type(config, i) == "sliding_attention" for i in range(config.num_hidden_layers))
         n_pos = longest if longest > 0 and not sliding else int(n_pos)  # sliding layers: positions pass it
     cos, sin = _rope_tables(self, config, n_pos, x.device)
-    layers = backbone.layers[: config.num_hidden_layers]
+    layers = list(backbone.layers)[: config.num_hidden_layers]  # a ModuleList slice registers its modules
     activation, softcap = activation_of(config, spec), getattr(config, "final_logit_softcapping", None)
 
     def run(h, pos, step_masks):  # reads only its arguments and what outlives the call (see decode_graphs.py)
