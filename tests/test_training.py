@@ -108,3 +108,26 @@ def test_gradient_accumulation_equals_big_batch(tiny_dir, tmp_path):
     assert moved, "the SGD step changed nothing"
     for k in big:
         torch.testing.assert_close(acc[k], big[k], rtol=1e-4, atol=1e-7)
+
+
+def test_flos_estimate_is_transformers_and_cached(tiny_dir, tmp_path, monkeypatch):
+    """floating_point_ops (the logs' total_flos) equals transformers' own estimate, counts the parameters once
+    (transformers walks every module and parameter per micro-batch), and counts again after a module is
+    registered."""
+    import transformers
+
+    model, tok = _peft(tiny_dir)
+    trainer = SFTTrainer(model=model, tokenizer=tok, train_dataset=_dataset(tok),
+                         args=TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to="none"))
+    inputs = {"input_ids": torch.ones(2, 37, dtype=torch.long)}
+    want = transformers.Trainer.floating_point_ops(trainer, inputs)
+    assert want > 0
+    calls = []
+    cls = type(model.get_base_model())  # PEFT forwards num_parameters to the base model
+    real = cls.num_parameters
+    monkeypatch.setattr(cls, "num_parameters", lambda self, **k: calls.append(1) or real(self, **k))
+    assert [trainer.floating_point_ops(inputs) for _ in range(3)] == [want] * 3
+    assert len(calls) <= 1
+    base = model.get_base_model()
+    base.model.extra = torch.nn.Linear(5, 7)  # a registration: 42 more parameters
+    assert trainer.floating_point_ops(inputs) == want + 6 * 2 * 37 * 42

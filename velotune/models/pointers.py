@@ -33,6 +33,13 @@ def _install_hooks() -> None:
                   nn_module.register_module_module_registration_hook(_count_registration))
 
 
+def registrations() -> int:
+    """How many parameters, buffers and submodules have been registered on any module since the hooks went in
+    (installed by the first call): a value to cache a module tree's derived facts under."""
+    _install_hooks()
+    return _registrations
+
+
 class Slots:
     """``read(layers)``: the address of every parameter of ``layers`` (with ``grad_flags``, paired with its
     ``requires_grad``), then with ``buffers`` every buffer's address; a tuple, equal between two reads
@@ -45,8 +52,7 @@ class Slots:
         self._bufs: list = []
 
     def read(self, layers) -> tuple:
-        _install_hooks()
-        key = (_registrations, tuple(id(layer) for layer in layers))
+        key = (registrations(), tuple(id(layer) for layer in layers))
         if key != self._key:
             mods = [mod for layer in layers for mod in layer.modules()]
             self._params = [(mod._parameters, name) for mod in mods
