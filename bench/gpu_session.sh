@@ -4,7 +4,7 @@
 # still returns the first answers.
 # The device's copy of the tree carries a stale .git: pass the commit, VELOTUNE_COMMIT=$(git rev-parse --short HEAD)
 # (+dirty for uncommitted changes), in the command, or the rows record the wrong one.
-#   OUT=/tmp/out bash bench/gpu_session.sh [tests|new|train1b|train8b|packing|decode|all|long|probe|ddp|fsdp70b|gguf]...
+#   OUT=/tmp/out bash bench/gpu_session.sh [tests|new|train1b|train8b|packing|workflow|decode|all|long|probe|ddp|fsdp70b|gguf]...
 # (several stages run in the order given)
 set -u
 OUT=${OUT:-/tmp/velotune-gpu}
@@ -31,6 +31,11 @@ if [[ $what == train8b || $what == all ]]; then
 fi
 if [[ $what == packing || $what == all ]]; then
   timeout 420 python bench/packing.py --shape 1b --results "$OUT/packing.jsonl" --workdir /tmp/vb 2>&1 | grep "\[packing\]" | tee "$OUT/packing.txt"
+fi
+if [[ $what == workflow ]]; then  # the seed's SFTTrainer workflow on each stack (loss logged every step), padded and packed
+  timeout 560 python bench/packing.py --shape ${SHAPE:-1b} --examples ${EXAMPLES:-512} --logging-steps 1 \
+    --modes padded unsloth_padded hf_padded packed unsloth_packed --timeout 200 --results "$OUT/packing.jsonl" \
+    --workdir /tmp/vb 2>&1 | grep "\[packing\]" | tee "$OUT/workflow.txt"
 fi
 if [[ $what == long ]]; then  # not in "all": a 400K-token step is minutes; one call per length set
   timeout 590 python bench/long_context.py --peers ${PEERS:-velotune} --lengths ${LENGTHS:-131072 262144} \

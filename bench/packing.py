@@ -9,6 +9,12 @@ lengths are drawn uniformly from ``--min-len``..``--max-len`` (seeded). Two mode
 * ``packed``: ``packing=True`` (TRL's best-fit-decreasing packing, padding-free rows with positions
   restarting per example), the same ``per_device_train_batch_size=2`` and ``max_length``.
 
+The peers run the same SFTTrainer workflow the seed describes, each with its own stack, in modes of their
+own: ``unsloth_padded`` / ``unsloth_packed`` (Unsloth's FastLanguageModel + TRL's SFTTrainer, its "unsloth"
+checkpointing) and ``hf_padded`` / ``hf_packed`` (transformers + PEFT + bitsandbytes + TRL, SDPA, recompute
+checkpointing): the whole trainer step (collation, logging, optimizer), not only the model's step.
+``--logging-steps 1`` is the seed's (a loss read, i.e. a host sync, every step).
+
 Real tokens per step are counted in TRL's collator, before velotune's bucket padding; tokens/s = real tokens of steps after ``--warmup`` / their
 wall time (CUDA-synchronised at each step end). One JSON row per mode goes to ``--results``.
 
@@ -28,7 +34,7 @@ from _child import run_child, write_result
 
 HERE = Path(__file__).resolve().parent
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-MODES = ("padded", "packed")
+MODES = ("padded", "packed", "unsloth_padded", "unsloth_packed", "hf_padded", "hf_packed")
 
 
 def lengths(n: int, lo: int, hi: int, seed: int) -> list[int]:
@@ -84,18 +90,51 @@ class _Counter:
         return batch
 
 
+def _peer_model(peer: str, ckpt: str, max_len: int, cuda: bool):
+    """(model, tokenizer, SFTTrainer class) of ``peer``, LoRA r16 on 7 targets, 4-bit on CUDA."""
+    import torch
+
+    dtype = torch.bfloat16 if cuda else torch.float32
+    if peer in ("velotune", "unsloth"):
+        if peer == "unsloth":
+            import unsloth  # noqa: F401  (first: it patches transformers and TRL)
+            from trl import SFTTrainer
+            from unsloth import FastLanguageModel
+        else:
+            from velotune import FastLanguageModel, SFTTrainer
+        model, tok = FastLanguageModel.from_pretrained(ckpt, max_seq_length=max_len, dtype=dtype, load_in_4bit=cuda)
+        model = FastLanguageModel.get_peft_model(model, r=16, target_modules=TARGETS, lora_alpha=16, lora_dropout=0,
+                                                 bias="none", use_gradient_checkpointing="unsloth", random_state=3407)
+        return model, tok, SFTTrainer
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from trl import SFTTrainer
+
+    quant = dict(quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16), device_map={"": 0}) if cuda else {}
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype, attn_implementation="sdpa", **quant)
+    if cuda:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(3407)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, bias="none", target_modules=TARGETS,
+                                             task_type="CAUSAL_LM"))
+    return model, AutoTokenizer.from_pretrained(ckpt), SFTTrainer
+
+
 def one_mode(args) -> dict:
     import torch
-    from transformers import TrainerCallback, TrainingArguments
-
-    from velotune import FastLanguageModel, SFTTrainer
+    from transformers import TrainerCallback
+    from trl import SFTConfig
 
     cuda = args.device == "cuda"
-    model, tok = FastLanguageModel.from_pretrained(args.ckpt, max_seq_length=args.max_len,
-                                                   dtype=torch.bfloat16 if cuda else torch.float32,
-                                                   load_in_4bit=cuda)
-    model = FastLanguageModel.get_peft_model(model, r=16, target_modules=TARGETS, lora_alpha=16, lora_dropout=0,
-                                             bias="none", use_gradient_checkpointing="unsloth", random_state=3407)
+    peer, packed = ("velotune", args.mode == "packed") if args.mode in ("padded", "packed") else \
+        (args.mode.split("_")[0], args.mode.endswith("packed"))
+    if peer != "velotune" and not cuda:
+        raise RuntimeError(f"the {peer} peer runs on CUDA only (TRL's SFTTrainer computes its loss with a fused "
+                           "LM head that needs a CUDA Triton driver)")
+    model, tok, trainer_cls = _peer_model(peer, args.ckpt, args.max_len, cuda)
     ds = make_dataset(args.examples, args.min_len, args.max_len, model.config.vocab_size, args.seed)
     times = []
 
@@ -105,17 +144,14 @@ def one_mode(args) -> dict:
                 torch.cuda.synchronize()
             times.append(time.perf_counter())
 
-    targs = TrainingArguments(output_dir=str(Path(args.workdir) / f"out-{args.mode}"), per_device_train_batch_size=2,
-                              num_train_epochs=1, learning_rate=2e-4, lr_scheduler_type="linear",
-                              optim="adamw_8bit" if cuda else "adamw_torch", bf16=cuda, logging_steps=10_000,
-                              save_strategy="no", report_to="none", seed=3407, use_cpu=not cuda,
-                              dataloader_num_workers=0)
-    trainer = SFTTrainer(model=model, tokenizer=tok, train_dataset=ds, max_seq_length=args.max_len,
-                         packing=args.mode == "packed", args=targs, callbacks=[_Clock()])
-    from velotune.training.buckets import BucketPadding
-
+    targs = SFTConfig(output_dir=str(Path(args.workdir) / f"out-{args.mode}"), per_device_train_batch_size=2,
+                      num_train_epochs=1, learning_rate=2e-4, lr_scheduler_type="linear",
+                      optim="adamw_8bit" if cuda else "adamw_torch", bf16=cuda, logging_steps=args.logging_steps,
+                      save_strategy="no", report_to="none", seed=3407, use_cpu=not cuda, dataloader_num_workers=0,
+                      max_length=args.max_len, packing=packed, disable_tqdm=True)
+    trainer = trainer_cls(model=model, processing_class=tok, train_dataset=ds, args=targs, callbacks=[_Clock()])
     outer = trainer.data_collator
-    if isinstance(outer, BucketPadding):
+    if type(outer).__name__ == "BucketPadding":  # velotune's: count inside it, before its bucket padding
         counter = outer.collator = _Counter(outer.collator)
     else:
         counter = trainer.data_collator = _Counter(outer)
@@ -128,7 +164,7 @@ def one_mode(args) -> dict:
     steady_tokens = sum(counter.counts[w + 1: len(times)])
     steady_s = times[-1] - times[w]
     return {
-        "mode": args.mode, "steps": len(times), "real_tokens": sum(counter.counts),
+        "mode": args.mode, "peer": peer, "packing": packed, "logging_steps": args.logging_steps, "steps": len(times), "real_tokens": sum(counter.counts),
         "tokens_per_s": round(steady_tokens / steady_s, 1) if steady_s > 0 else None,
         "tokens_per_s_with_warmup": round(sum(counter.counts[: len(times)]) / total, 1),
         "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
@@ -143,11 +179,12 @@ def main() -> int:
     p.add_argument("--ckpt")
     p.add_argument("--json")
     p.add_argument("--shape", default="1b", choices=["1b", "8b", "tiny"])
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--modes", nargs="+", default=["padded", "packed"], choices=MODES)
     p.add_argument("--examples", type=int, default=1024)
     p.add_argument("--min-len", type=int, default=64)
     p.add_argument("--max-len", type=int, default=2048)
     p.add_argument("--warmup", type=int, default=8, help="steps left out of tokens/s (graph captures happen here)")
+    p.add_argument("--logging-steps", type=int, default=1, help="the seed's 1: a loss read (host sync) every step")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--results")
@@ -167,7 +204,8 @@ def main() -> int:
         out = work / f"packing-{args.shape}-{mode}.json"
         cmd = [sys.executable, __file__, "--mode", mode, "--ckpt", str(ckpt), "--json", str(out), "--examples",
                str(args.examples), "--min-len", str(args.min_len), "--max-len", str(args.max_len), "--warmup",
-               str(args.warmup), "--seed", str(args.seed), "--device", args.device, "--workdir", str(work)]
+               str(args.warmup), "--seed", str(args.seed), "--device", args.device, "--workdir", str(work),
+               "--logging-steps", str(args.logging_steps)]
         t = time.perf_counter()
         row = run_child(cmd, out, args.timeout, lambda msg: {"mode": mode, "error": msg})
         row.update(run_id=run_id, bench="packing", shape=f"llama-{args.shape}", card=card, examples=args.examples,

@@ -209,10 +209,13 @@ def packing_section(rows: list[dict]) -> list[str]:
     return ["## Packing (issue #4)", "",
             "bench/packing.py: velotune's SFTTrainer, the seed's settings, example lengths uniform in the stated range; "
             "real (non-pad) tokens/s after the warm-up steps, `packed` = `packing=True` (padding-free rows), "
-            "`padded` = rows padded per batch.", ""] + _per_run_tables(
+            "`padded` = rows padded per batch; `unsloth_*` / `hf_*`: the same SFTTrainer workflow on Unsloth's and on "
+            "transformers + PEFT + bitsandbytes + TRL's stack (the whole trainer step). Loss logged every "
+            "`logging steps` steps (the seed: 1).", ""] + _per_run_tables(
         rs, ["| mode | real tokens/s | with warm-up | steps | real tokens | peak reserved GiB |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"], row,
-        heading_extra=lambda group: f", lengths {group[0].get('lengths')}")
+        heading_extra=lambda group: f", lengths {group[0].get('lengths')}, logging steps "
+                                    f"{group[0].get('logging_steps', 10_000)}")
 
 
 def _per_run_tables(rs, header: list[str], row, heading_extra=lambda group: "", after=lambda group: []) -> list[str]:
