@@ -67,3 +67,27 @@ def test_slots_read_without_walking_when_nothing_was_registered(monkeypatch):
     assert slots.read(layers) == first and not calls
     layers[0][0].weight = torch.nn.Parameter(torch.randn(4, 4))
     assert slots.read(layers) != first and calls
+
+
+def test_parameters_of_is_parameters_after_every_change():
+    """pointers.parameters_of == list(module.parameters()) (order, shared tensors once) after registrations,
+    .data swaps, removals, and entries written straight into a _parameters dict (as FSDP2 does)."""
+    from velotune.models.pointers import parameters_of
+
+    layers = _layers()
+    model = torch.nn.Sequential(*layers)
+    model.add_module("tied", torch.nn.Linear(4, 4))
+    model.tied.weight = layers[0][0].weight  # shared: listed once
+    changes = [
+        lambda: None,
+        lambda: setattr(layers[0][0], "weight", torch.nn.Parameter(torch.randn(4, 4))),
+        lambda: setattr(layers[1][2].weight, "data", torch.randn(2, 4)),
+        lambda: layers[2][0]._parameters.__setitem__("bias", torch.nn.Parameter(torch.randn(4))),
+        lambda: setattr(layers[0][2], "bias", None),
+        lambda: layers[0][2]._parameters.__setitem__("bias", torch.nn.Parameter(torch.randn(2))),  # into a None slot
+        lambda: layers[2].append(torch.nn.Linear(2, 2)),
+    ]
+    for change in changes:
+        change()
+        got, want = parameters_of(model), list(model.parameters())
+        assert len(got) == len(want) and all(a is b for a, b in zip(got, want))

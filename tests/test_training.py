@@ -131,3 +131,33 @@ def test_flos_estimate_is_transformers_and_cached(tiny_dir, tmp_path, monkeypatc
     base = model.get_base_model()
     base.model.extra = torch.nn.Linear(5, 7)  # a registration: 42 more parameters
     assert trainer.floating_point_ops(inputs) == want + 6 * 2 * 37 * 42
+
+
+def test_step_housekeeping_from_cached_parameters_trains_like_transformers(tiny_dir, tmp_path, monkeypatch):
+    """Gradient clipping and zero_grad read the parameters from a cached list (pointers.parameters_of)
+    instead of walking the module tree each step: the same logged losses and gradient norms and the same
+    LoRA weights, bit for bit, as transformers' own calls (a gradient left uncleared or a parameter missed
+    by the clip would change them: max_grad_norm is small enough to clip every step)."""
+    import transformers
+
+    from velotune.training import trainer as trainer_mod
+
+    runs = []
+    for fast in (True, False):
+        if not fast:
+            monkeypatch.setattr(trainer_mod.SFTTrainer, "_clip_grad_norm", transformers.Trainer._clip_grad_norm)
+            monkeypatch.setattr(trainer_mod, "_fast_zero_grad", lambda model: None)
+        model, tok = _peft(tiny_dir)
+        args = TrainingArguments(output_dir=str(tmp_path / str(fast)), per_device_train_batch_size=2,
+                                 gradient_accumulation_steps=2, max_steps=3, logging_steps=1, max_grad_norm=0.05,
+                                 learning_rate=1e-3, report_to="none", seed=3, save_strategy="no")
+        trainer = SFTTrainer(model=model, tokenizer=tok, train_dataset=_dataset(tok), args=args)
+        assert ("zero_grad" in model.__dict__) == fast
+        trainer.train()
+        logged = [(h["loss"], h["grad_norm"]) for h in trainer.state.log_history if "loss" in h]
+        assert len(logged) == 3 and all(g > 0.05 for _, g in logged)
+        assert all(p.grad is None for p in model.parameters())
+        runs.append((logged, _lora_state(model)))
+    assert runs[0][0] == runs[1][0]
+    for k in runs[0][1]:
+        assert torch.equal(runs[0][1][k], runs[1][1][k]), k

@@ -11,6 +11,8 @@ tensor swapped in place of another (even by a direct dict write) or a ``.data`` 
 """
 from __future__ import annotations
 
+import weakref
+
 # Bumped by torch's global registration hooks whenever a parameter, buffer or submodule is assigned to any
 # module: cached slots stay valid until then.
 _registrations = 0
@@ -38,6 +40,28 @@ def registrations() -> int:
     (installed by the first call): a value to cache a module tree's derived facts under."""
     _install_hooks()
     return _registrations
+
+
+_param_slots: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def parameters_of(module) -> list:
+    """``list(module.parameters())`` (the same tensors in the same order, shared ones once) read through
+    ``(module._parameters, name)`` slots cached per module until a registration: the per-step walk of an
+    8B LoRA model's ~740 parameters costs ~6 ms of host time, the read ~0.3 ms. Entries written straight
+    into a ``_parameters`` dict (FSDP2 swaps sharded and gathered parameters that way) are read as they are."""
+    key = registrations()
+    cached = _param_slots.get(module)
+    if cached is None or cached[0] != key:
+        cached = (key, [(m._parameters, name) for m in module.modules() for name in m._parameters])
+        _param_slots[module] = cached
+    seen, out = set(), []
+    for d, name in cached[1]:
+        p = d.get(name)
+        if p is not None and id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
 
 
 class Slots:

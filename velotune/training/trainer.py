@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import weakref
 from pathlib import Path
 from typing import Optional
 
@@ -249,6 +250,27 @@ def _one_process_one_gpu(args) -> None:
              "(DDP), or CUDA_VISIBLE_DEVICES to pick one")
 
 
+def _fast_zero_grad(model) -> None:
+    """``model.zero_grad()`` (what the Trainer calls after every optimizer step) over a cached parameter list
+    (pointers.parameters_of) instead of a walk of the module tree: the same gradients set to None.
+    ``set_to_none=False`` takes torch's own path."""
+    from ..models.pointers import parameters_of
+
+    ref = weakref.ref(model)
+    plain = type(model).zero_grad
+
+    def zero_grad(set_to_none: bool = True) -> None:
+        m = ref()
+        if not set_to_none:
+            return plain(m, set_to_none)
+        for p in parameters_of(m):
+            if p.grad is not None:
+                p.grad = None
+
+    zero_grad.__doc__ = plain.__doc__
+    model.zero_grad = zero_grad
+
+
 class SFTTrainer(AtomicCheckpointMixin, trl.SFTTrainer):
     """TRL's ``SFTTrainer``, accepting the seed's keywords too; checkpoints are saved atomically.
 
@@ -321,6 +343,8 @@ class SFTTrainer(AtomicCheckpointMixin, trl.SFTTrainer):
         # number of accumulation steps.
         self.model_accepts_loss_kwargs = True
         wrap_trainer_collator(self, model, st)
+        if st is not None and fsdp is None:
+            _fast_zero_grad(self.model)
         from transformers.trainer_callback import ProgressCallback
 
         bar = next((c for c in self.callback_handler.callbacks if isinstance(c, ProgressCallback)), None)
@@ -414,6 +438,20 @@ class SFTTrainer(AtomicCheckpointMixin, trl.SFTTrainer):
             # Trainer averages the logged (and evaluation) losses across ranks: times W gives sum / N.
             loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
+
+    def _clip_grad_norm(self, model):
+        """transformers' gradient clipping (accelerate's ``clip_grad_norm_``, the same norm and scaling) over
+        the model's parameters from a cached list (pointers.parameters_of) instead of a walk of the module
+        tree each step; FSDP, DeepSpeed and other engines keep transformers' own path."""
+        from accelerate.utils import DistributedType
+
+        from ..models.pointers import parameters_of
+
+        plain = (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
+        if self.accelerator.distributed_type not in plain or self._velotune_fsdp is not None \
+                or self._has_mixed_mesh_grads(model):
+            return super()._clip_grad_norm(model)
+        return self.accelerator.clip_grad_norm_(parameters_of(model), self.args.max_grad_norm)
 
     def floating_point_ops(self, inputs) -> int:
         """The Trainer's FLOP estimate for the logs' ``total_flos`` (6 x input tokens x non-embedding
