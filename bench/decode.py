@@ -24,9 +24,10 @@ from _child import run_child, write_result
 HERE = Path(__file__).resolve().parent
 # velotune: the generation path, dynamic cache, kernels launched one by one; velotune_graphs: for_inference's
 # defaults where decode steps are recorded (static cache, CUDA graphs); velotune_gemv: those plus the few-row
-# 4-bit matmul (kernels/nf4_matmul.py) in place of dequantise + GEMM; hf_static: HF with a static cache
-# (generate then torch.compiles the forward: its warm-up generate includes the compile)
-PEERS = ["velotune", "velotune_graphs", "velotune_gemv", "hf", "hf_static", "unsloth"]
+# 4-bit matmul (kernels/nf4_matmul.py) in place of dequantise + GEMM; velotune_bnbgemv: velotune_graphs with
+# bitsandbytes' 4-bit GEMV for one-row products (batch 1; kernels/lora.py BNB_GEMV_ON_CUDA); hf_static: HF with
+# a static cache (generate then torch.compiles the forward: its warm-up generate includes the compile)
+PEERS = ["velotune", "velotune_graphs", "velotune_gemv", "velotune_bnbgemv", "hf", "hf_static", "unsloth"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -48,10 +49,11 @@ def one_peer(args) -> dict:
         # velotune: the generation path eagerly over a dynamic cache (on CUDA only recorded steps take it by
         # default: generation.DECODE_ON_CUDA); velotune_graphs: the defaults (static cache, steps recorded)
         generation.EAGER_DECODE_ON_CUDA = args.peer == "velotune"
-        decode_graphs.ENABLED = args.peer in ("velotune_graphs", "velotune_gemv")
-        from velotune.kernels import nf4_matmul
+        decode_graphs.ENABLED = args.peer in ("velotune_graphs", "velotune_gemv", "velotune_bnbgemv")
+        from velotune.kernels import lora, nf4_matmul
 
         nf4_matmul.ON_CUDA = args.peer == "velotune_gemv"  # few-row 4-bit matmul instead of dequantise + GEMM
+        lora.BNB_GEMV_ON_CUDA = args.peer == "velotune_bnbgemv"  # bitsandbytes' GEMV for one row
         model, _ = FastLanguageModel.from_pretrained(args.ckpt, max_seq_length=2048, dtype=torch.bfloat16,
                                                      load_in_4bit=True)
         model = FastLanguageModel.get_peft_model(model, r=16, target_modules=TARGETS, lora_alpha=16)

@@ -66,7 +66,7 @@ make_checkpoint('8b', Path('/tmp/vb/llama-8b'))"
     --export-8b /tmp/vb/gguf8b --append "$OUT/gguf_quant.jsonl" 2>&1 | tail -3 | tee -a "$OUT/gguf.txt"
 fi
 if [[ $what == decode || $what == all ]]; then
-  timeout 420 python bench/decode.py --shapes 8b --peers ${PEERS:-velotune_gemv velotune_graphs velotune hf unsloth hf_static} --new ${NEW:-256} --results "$OUT/decode.jsonl" \
+  timeout 420 python bench/decode.py --shapes 8b --peers ${PEERS:-velotune_bnbgemv velotune_graphs velotune_gemv velotune hf unsloth hf_static} --new ${NEW:-256} --results "$OUT/decode.jsonl" \
     --workdir /tmp/vb 2>&1 | grep "\[decode\]" | tee "$OUT/decode.txt"
 fi
 done

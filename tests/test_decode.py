@@ -283,3 +283,55 @@ def test_recorded_decode_steps_register_nothing(tiny_dir, monkeypatch):
     before = pointers._registrations
     _, calls = _generate(model, enc, fast=True)
     assert len(calls) > 3 and pointers._registrations == before
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_row_through_bitsandbytes_gemv(dtype, monkeypatch):
+    """kernels/lora.py's base product for one row without gradients goes to bitsandbytes' 4-bit GEMV where
+    switched on (bnb.matmul_4bit, given velotune's view of the packed storage and bitsandbytes' own quant
+    state): the product HF's Linear4bit computes for that row; two rows, or a forward with gradients, keep
+    dequantise + GEMM."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from velotune.kernels import lora
+    from velotune.quant import NF4Weight
+
+    torch.manual_seed(0)
+    lin = bnb.nn.Linear4bit(256, 96, bias=False, compute_dtype=dtype, compress_statistics=True, quant_type="nf4")
+    lin.weight = bnb.nn.Params4bit(torch.randn(96, 256, dtype=dtype) * 0.05, requires_grad=False,
+                                   quant_type="nf4", compress_statistics=True)._quantize("cpu")
+    w = NF4Weight.from_bnb(lin)
+    calls = []
+    real = bnb.matmul_4bit
+    monkeypatch.setattr(bnb, "matmul_4bit", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    monkeypatch.setattr(lora, "BNB_GEMV_ON_CPU", True)
+    x = torch.randn(2, 256, dtype=dtype)
+    with torch.no_grad():
+        got = lora._base_mm(x[:1], w)
+        assert calls == [(1, 256)]
+        torch.testing.assert_close(got, lin(x[:1]), rtol=0, atol=0)
+        torch.testing.assert_close(got, x[:1] @ w.dequantize(dtype).t(), rtol=0, atol=0)
+        lora._base_mm(x, w)
+    lora._base_mm(x[:1], w)  # gradients on
+    assert len(calls) == 2  # the first, plus HF's lin(x[:1]): neither two rows nor a grad forward took it
+
+
+def test_recorded_decode_at_batch_1_through_bitsandbytes_gemv(tiny_dir, monkeypatch):
+    """A 4-bit model decoding one row with the GEMV switched on (emulated recorded steps): HF's greedy tokens."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from velotune.kernels import lora
+    from velotune.models import decode_graphs
+
+    monkeypatch.setattr(decode_graphs, "EMULATE_ON_CPU", True)
+    monkeypatch.setattr(lora, "BNB_GEMV_ON_CPU", True)
+    calls = []
+    real = bnb.matmul_4bit
+    monkeypatch.setattr(bnb, "matmul_4bit", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model, tok = FastLanguageModel.from_pretrained(tiny_dir("llama"), load_in_4bit=True, max_seq_length=128)
+    model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, random_state=3)
+    randomize_lora_b(model, seed=11, std=0.5)
+    FastLanguageModel.for_inference(model)
+    enc = tok(PROMPTS[:1], return_tensors="pt")
+    hf, _ = _generate(model, enc, fast=False)
+    calls.clear()
+    fast, _ = _generate(model, enc, fast=True)
+    assert calls and torch.equal(fast, hf), (fast, hf)

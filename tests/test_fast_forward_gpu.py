@@ -404,6 +404,35 @@ def test_recorded_decode_with_4bit_matmul_matches_hf(tmp_path, monkeypatch):
     assert rows and set(rows) == {2}  # the decode steps' projections (recorded once, then replayed)
 
 
+def test_recorded_decode_with_bnb_gemv_matches_hf(tmp_path, monkeypatch):
+    """Batch-1 decode steps whose 4-bit projections run bitsandbytes' 4-bit GEMV (kernels/lora.py,
+    BNB_GEMV_ON_CUDA), recorded as CUDA graphs: greedy tokens equal HF's batch-1 generate (whose Linear4bit
+    runs the same GEMV for one row). When this passes and bench/decode.py's velotune_bnbgemv peer is faster,
+    set lora.BNB_GEMV_ON_CUDA = True."""
+    import bitsandbytes as bnb
+
+    from velotune.kernels import lora
+    from velotune.models import generation
+
+    model, tok = _generation_model(tmp_path, monkeypatch, load_in_4bit=True)
+    monkeypatch.setattr(generation, "EAGER_DECODE_ON_CUDA", False)
+    monkeypatch.setattr(lora, "BNB_GEMV_ON_CUDA", True)
+    calls = []
+    real = bnb.matmul_4bit
+    monkeypatch.setattr(bnb, "matmul_4bit", lambda *a, **k: calls.append(1) or real(*a, **k))
+    base = model.get_base_model()
+    for prompt in ("The capital of France is", "Count: one, two,"):
+        enc = tok([prompt], return_tensors="pt").to("cuda")
+        outs = {}
+        for fast in (False, True):
+            set_fast_forward(model, fast)
+            calls.clear()
+            outs[fast] = model.generate(**enc, max_new_tokens=24, do_sample=False)
+        assert torch.equal(outs[True], outs[False])
+        assert calls  # velotune's recording step went through the GEMV (replays launch it without Python)
+    assert base.__dict__.get("_velotune_decode_broken") is None
+
+
 def test_cuda_graphs_packed_rows(tmp_path, monkeypatch):
     """Packed rows (varlen attention with offsets padded by empty sequences, positions restarting) through
     real CUDA graphs, boundaries moving every batch: the eager losses and weights. When this passes, set

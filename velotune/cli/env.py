@@ -105,13 +105,14 @@ def _graphs_line(cuda: bool) -> str:
 
 def _pending_line(cuda: bool) -> str:
     """The GPU paths switched off by their kill-switch flag (all on by default, each GPU-tested)."""
-    from ..kernels import nf4_matmul
+    from ..kernels import lora, nf4_matmul
     from ..models import decode_graphs, generation, graphs, offload
 
     flags = {"offloaded checkpointing": offload.ENABLED_ON_CUDA, "memory planner / no-recompute graphs":
              graphs.KEEP_ON_CUDA, "graphs for packed rows and masks": graphs.STATIC_INPUTS_ON_CUDA,
              "fused generation path": generation.DECODE_ON_CUDA, "recorded decode steps": decode_graphs.ENABLED,
              "few-row 4-bit matmul for decoding": nf4_matmul.ON_CUDA,
+             "bitsandbytes' 4-bit GEMV for batch-1 decoding": lora.BNB_GEMV_ON_CUDA,
              "4-bit weights held dequantised (auto, memory left)": graphs.RESIDENT_ON_CUDA,
              "parameter views in recorded backwards (outside DDP)": graphs.PARAM_VIEWS is not False}
     waiting = [name for name, on in flags.items() if not on]

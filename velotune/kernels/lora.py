@@ -132,11 +132,34 @@ def _scaled_mm(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
     return out.addmm_(a, b, beta=0, alpha=alpha)  # beta=0: the uninitialised buffer is never read
 
 
+# One row (decoding at batch 1) times a 4-bit weight, without gradients: bitsandbytes' own 4-bit GEMV
+# (bnb.matmul_4bit's inference path, what transformers + bitsandbytes run for such a product: it reads the
+# 4-bit storage only, dequantising in registers) instead of dequantise + GEMM. Off on CUDA until its GPU test
+# (recorded decode at batch 1 vs HF) and bench/decode.py's velotune_bnbgemv peer have run (written without a
+# GPU, 2026-11-28); ON_CPU: tests, through bitsandbytes' CPU implementation of the same op.
+BNB_GEMV_ON_CUDA = False
+BNB_GEMV_ON_CPU = False
+
+
+def _bnb_gemv_wanted(x2: torch.Tensor, base) -> bool:
+    if x2.shape[0] != 1 or torch.is_grad_enabled() or getattr(base, "bnb_state", None) is None or base.transposed:
+        return False
+    if not (BNB_GEMV_ON_CUDA if x2.is_cuda else BNB_GEMV_ON_CPU):
+        return False
+    return x2.dtype == base.bnb_state.dtype and x2.shape[1] % base.blocksize == 0
+
+
 def _base_mm(x2: torch.Tensor, base: Base) -> torch.Tensor:
-    """``x2 W^T``: for a few rows (decoding) times a 4-bit weight, the 4-bit matmul that never materialises
-    W (kernels/nf4_matmul.py, where switched on); otherwise W dequantised (if 4-bit) and a GEMM."""
-    if not isinstance(base, torch.Tensor) and nf4_matmul.wanted(x2) and nf4_matmul.supported(x2, base):
-        return nf4_matmul.nf4_matmul(x2, base)
+    """``x2 W^T``: for one row (decoding, batch 1) times a 4-bit weight, bitsandbytes' 4-bit GEMV where
+    switched on; for a few rows the 4-bit matmul that never materialises W (kernels/nf4_matmul.py, where
+    switched on); otherwise W dequantised (if 4-bit) and a GEMM."""
+    if not isinstance(base, torch.Tensor):
+        if _bnb_gemv_wanted(x2, base):
+            import bitsandbytes as bnb
+
+            return bnb.matmul_4bit(x2, base.packed.reshape(-1, 1).t(), quant_state=base.bnb_state)
+        if nf4_matmul.wanted(x2) and nf4_matmul.supported(x2, base):
+            return nf4_matmul.nf4_matmul(x2, base)
     return x2 @ _weight(base, x2.dtype).t()
 
 

@@ -61,6 +61,7 @@ class NF4Weight:
         state2: double-quantisation state, or None.
         transposed: True when ``shape`` is ``(in, out)``.
         resident: the dequantised weight while held (:meth:`hold` / :meth:`release`), else None.
+        bnb_state: bitsandbytes' own ``QuantState`` when read from a bitsandbytes module (its kernels take it).
     """
 
     packed: torch.Tensor
@@ -75,6 +76,7 @@ class NF4Weight:
     # the weight dequantised once and kept (hold / release), which the fused kernels read instead of
     # dequantising again (models/graphs.py: "auto" with memory left); None normally
     resident: Optional[torch.Tensor] = dataclasses.field(default=None, repr=False)
+    bnb_state: Optional[object] = dataclasses.field(default=None, repr=False, compare=False)
 
     def hold(self, dtype: torch.dtype) -> None:
         """Keep :meth:`dequantize` ``(dtype)`` in ``resident`` (the same values, computed once)."""
@@ -155,7 +157,7 @@ class NF4Weight:
                                   offset=qs.offset.reshape(()))
         nw = cls(packed=packed, absmax=qs.absmax.reshape(-1), code=qs.code.reshape(-1), shape=shape,
                  blocksize=int(qs.blocksize), dtype=qs.dtype, quant_type=qs.quant_type, state2=state2,
-                 transposed=_is_transposed(shape, module))
+                 transposed=_is_transposed(shape, module), bnb_state=qs)
         _check_devices(nw)
         return nw
 
