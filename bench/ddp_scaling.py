@@ -27,9 +27,9 @@ import time
 from pathlib import Path
 
 from _child import write_result
+from _peers import TARGETS
 
 HERE = Path(__file__).resolve().parent
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def rank_run(args) -> dict:

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from _child import run_child, write_result
+from _peers import TARGETS
 
 HERE = Path(__file__).resolve().parent
 # velotune: the generation path, dynamic cache, kernels launched one by one; velotune_graphs: for_inference's
@@ -28,7 +29,6 @@ HERE = Path(__file__).resolve().parent
 # bitsandbytes' 4-bit GEMV for one-row products (batch 1; kernels/lora.py BNB_GEMV_ON_CUDA); hf_static: HF with
 # a static cache (generate then torch.compiles the forward: its warm-up generate includes the compile)
 PEERS = ["velotune", "velotune_graphs", "velotune_gemv", "velotune_bnbgemv", "hf", "hf_static", "unsloth"]
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def one_peer(args) -> dict:

@@ -29,35 +29,15 @@ import time
 from pathlib import Path
 
 from _child import run_child, write_result
+from _peers import fast_model, hf_model
 
 HERE = Path(__file__).resolve().parent
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def load(peer: str, ckpt: str, max_len: int, cuda: bool):
-    import torch
-
-    dtype = torch.bfloat16 if cuda else torch.float32
     if peer in ("velotune", "unsloth"):
-        if peer == "unsloth":
-            import unsloth  # noqa: F401  (first: it patches transformers)
-            from unsloth import FastLanguageModel
-        else:
-            from velotune import FastLanguageModel
-        model, _ = FastLanguageModel.from_pretrained(ckpt, max_seq_length=max_len, dtype=dtype, load_in_4bit=cuda)
-        return FastLanguageModel.get_peft_model(model, r=16, target_modules=TARGETS, lora_alpha=16, lora_dropout=0,
-                                                bias="none", use_gradient_checkpointing="unsloth", random_state=3407)
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                           bnb_4bit_compute_dtype=torch.bfloat16) if cuda else None
-    model = AutoModelForCausalLM.from_pretrained(ckpt, quantization_config=q, dtype=dtype, attn_implementation="sdpa",
-                                                 device_map={"": 0} if cuda else None)
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
-                                            gradient_checkpointing_kwargs={"use_reentrant": False})
-    return get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
-                                            task_type="CAUSAL_LM"))
+        return fast_model(peer, ckpt, max_len, cuda)[0]
+    return hf_model(ckpt, cuda)
 
 
 def one_peer(args) -> list[dict]:

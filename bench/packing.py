@@ -31,9 +31,9 @@ import time
 from pathlib import Path
 
 from _child import run_child, write_result
+from _peers import fast_model, hf_model
 
 HERE = Path(__file__).resolve().parent
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MODES = ("padded", "packed", "unsloth_padded", "unsloth_packed", "hf_padded", "hf_packed")
 
 
@@ -91,36 +91,18 @@ class _Counter:
 
 
 def _peer_model(peer: str, ckpt: str, max_len: int, cuda: bool):
-    """(model, tokenizer, SFTTrainer class) of ``peer``, LoRA r16 on 7 targets, 4-bit on CUDA."""
-    import torch
-
-    dtype = torch.bfloat16 if cuda else torch.float32
+    """(model, tokenizer, SFTTrainer class) of ``peer`` (bench/_peers.py), 4-bit on CUDA."""
     if peer in ("velotune", "unsloth"):
+        model, tok = fast_model(peer, ckpt, max_len, cuda)
         if peer == "unsloth":
-            import unsloth  # noqa: F401  (first: it patches transformers and TRL)
             from trl import SFTTrainer
-            from unsloth import FastLanguageModel
         else:
-            from velotune import FastLanguageModel, SFTTrainer
-        model, tok = FastLanguageModel.from_pretrained(ckpt, max_seq_length=max_len, dtype=dtype, load_in_4bit=cuda)
-        model = FastLanguageModel.get_peft_model(model, r=16, target_modules=TARGETS, lora_alpha=16, lora_dropout=0,
-                                                 bias="none", use_gradient_checkpointing="unsloth", random_state=3407)
+            from velotune import SFTTrainer
         return model, tok, SFTTrainer
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoTokenizer
     from trl import SFTTrainer
 
-    quant = dict(quantization_config=BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16), device_map={"": 0}) if cuda else {}
-    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype, attn_implementation="sdpa", **quant)
-    if cuda:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
-    torch.manual_seed(3407)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, bias="none", target_modules=TARGETS,
-                                             task_type="CAUSAL_LM"))
-    return model, AutoTokenizer.from_pretrained(ckpt), SFTTrainer
+    return hf_model(ckpt, cuda), AutoTokenizer.from_pretrained(ckpt), SFTTrainer
 
 
 def one_mode(args) -> dict:

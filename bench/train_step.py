@@ -24,6 +24,7 @@ import sys
 import time
 
 from _child import write_result
+from _peers import fast_model, hf_model
 
 PEERS = ["velotune", "velotune_eager", "velotune_auto", "velotune_auto_resident", "velotune_recompute", "hf", "unsloth",
          "liger"]
@@ -31,51 +32,27 @@ PEERS = ["velotune", "velotune_eager", "velotune_auto", "velotune_auto_resident"
 GC = {"velotune": "unsloth", "velotune_eager": "unsloth", "velotune_auto": "auto", "velotune_auto_resident": "auto",
       "velotune_recompute": True,
       "unsloth": "unsloth", "hf": True, "liger": True}
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def load_peer(peer: str, ckpt: str, seq: int):
-    import torch
-
     if peer == "unsloth":
-        import unsloth  # noqa: F401  (must come first: it patches transformers)
-        from unsloth import FastLanguageModel
-
-        model, _ = FastLanguageModel.from_pretrained(ckpt, max_seq_length=seq, dtype=torch.bfloat16, load_in_4bit=True)
-        model = FastLanguageModel.get_peft_model(model, r=16, target_modules=TARGETS, lora_alpha=16, lora_dropout=0,
-                                                 bias="none", use_gradient_checkpointing="unsloth", random_state=3407)
-        return model
+        return fast_model("unsloth", ckpt, seq, cuda=True)[0]
     if peer.startswith("velotune"):
-        from velotune import FastLanguageModel, set_cuda_graphs
+        from velotune import set_cuda_graphs
         from velotune.models import graphs, offload
 
-        gc = GC[peer]
         if peer == "velotune_auto_resident":  # "auto" holding the 4-bit weights dequantised (the default since
             graphs.RESIDENT_ON_CUDA = True  # 2026-11-28; this peer says so whatever the default)
         if not (graphs.KEEP_ON_CUDA and offload.ENABLED_ON_CUDA):
             raise RuntimeError("a velotune GPU path is switched off (velotune env); this benchmark measures them on")
-        model, _ = FastLanguageModel.from_pretrained(ckpt, max_seq_length=seq, dtype=torch.bfloat16, load_in_4bit=True)
-        model = FastLanguageModel.get_peft_model(model, r=16, target_modules=TARGETS, lora_alpha=16, lora_dropout=0,
-                                                 bias="none", use_gradient_checkpointing=gc, random_state=3407)
+        model = fast_model("velotune", ckpt, seq, cuda=True, gc=GC[peer])[0]
         set_cuda_graphs(model, False if peer == "velotune_eager" else "auto")  # auto: recorded in warm-up step 1
         return model
     if peer == "liger":
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 
         apply_liger_kernel_to_llama()
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                           bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(ckpt, quantization_config=q, dtype=torch.bfloat16,
-                                                 attn_implementation="sdpa", device_map={"": 0})
-    # The standard HF QLoRA recipe (what users of transformers + PEFT + bitsandbytes run).
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
-                                            gradient_checkpointing_kwargs={"use_reentrant": False})
-    torch.manual_seed(3407)
-    cfg = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, bias="none", target_modules=TARGETS, task_type="CAUSAL_LM")
-    return get_peft_model(model, cfg)
+    return hf_model(ckpt, cuda=True)
 
 
 def graph_pool_bytes() -> int:
