@@ -42,6 +42,12 @@ def registrations() -> int:
     return _registrations
 
 
+def _slots(modules, table: str) -> list:
+    """``(module.<table>, name)`` of every entry of ``modules``' ``_parameters`` or ``_buffers`` dicts, None
+    entries included (a tensor written into one later is read)."""
+    return [(d, name) for m in modules for d in (getattr(m, table),) for name in d]
+
+
 _param_slots: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -53,7 +59,7 @@ def parameters_of(module) -> list:
     key = registrations()
     cached = _param_slots.get(module)
     if cached is None or cached[0] != key:
-        cached = (key, [(m._parameters, name) for m in module.modules() for name in m._parameters])
+        cached = (key, _slots(module.modules(), "_parameters"))
         _param_slots[module] = cached
     seen, out = set(), []
     for d, name in cached[1]:
@@ -79,12 +85,10 @@ class Slots:
         key = (registrations(), tuple(id(layer) for layer in layers))
         if key != self._key:
             mods = [mod for layer in layers for mod in layer.modules()]
-            self._params = [(mod._parameters, name) for mod in mods
-                            for name, p in mod._parameters.items() if p is not None]
-            self._bufs = [(mod._buffers, name) for mod in mods
-                          for name, b in mod._buffers.items() if b is not None] if self.buffers else []
+            self._params = _slots(mods, "_parameters")
+            self._bufs = _slots(mods, "_buffers") if self.buffers else []
             self._key = key
-        # an entry set to None (e.g. ``module.bias = None``) is skipped, as parameters() skips it
+        # an entry that is None (e.g. ``module.bias = None``) is skipped, as parameters() skips it
         if self.grad_flags:
             out = tuple((p.data_ptr(), p.requires_grad) for d, name in self._params if (p := d.get(name)) is not None)
         else:
