@@ -163,10 +163,11 @@ def ddp_section(rows: list[dict]) -> list[str]:
 
     return head + ["bench/ddp_scaling.py: the train_step.py step (seed settings, CUDA graphs) per rank under torchrun; "
                    "tokens/s of all ranks; efficiency = tokens/s on N ranks / on 1. CUDA graphs \"auto\" with 2 "
-                   "DDP ranks: in every run so far the capture failed (DDP's AccumulateGrad nodes; fixed after "
-                   "these runs, see README) and the ranks ran eagerly, after the failed capture had reserved "
-                   "~19 GiB. FSDP2 never records graphs. The first run's failures were a bench bug (CPU tensors "
-                   "reduced over NCCL) and FSDP2 refusing uint8 4-bit storage on torch 2.11 (fixed).", ""] + \
+                   "DDP ranks: until run 20261128T094852Z the capture failed (DDP's AccumulateGrad nodes; fixed "
+                   "by graphs.PARAM_VIEWS) and the ranks ran eagerly. FSDP2 never records graphs; the 70B-shape "
+                   "row caps each rank at 79 GiB (an 80 GB card) and loads each rank's copy in host memory. The "
+                   "first run's failures were a bench bug (CPU tensors reduced over NCCL) and FSDP2 refusing "
+                   "uint8 4-bit storage on torch 2.11 (fixed).", ""] + \
         _per_run_tables(rs, ["| mode | ranks | CUDA graphs | tokens/s | efficiency | peak reserved GiB | optimizer |",
                              "| --- | ---: | --- | ---: | ---: | ---: | --- |"], row)
 
@@ -250,12 +251,76 @@ def profile_section() -> list[str]:
     return out
 
 
+def _ok_rows(rows, bench):
+    return [r for r in rows if r.get("bench") == bench and r.get("card") not in (None, "cpu") and not r.get("error")
+            and not r.get("note")]
+
+
+def _latest_run_with(rs, peers: set) -> list[dict]:
+    """The rows of the latest run that has every peer in ``peers`` (else [])."""
+    runs = sorted({r["run_id"] for r in rs if peers <= {x["peer"] for x in rs if x["run_id"] == r["run_id"]}})
+    return [r for r in rs if runs and r["run_id"] == runs[-1]]
+
+
+def targets_section(rows: list[dict]) -> list[str]:
+    """Each issue's measured target against the latest run that measured it (computed from the rows)."""
+    out = ["## Targets (latest run that measured each)", ""]
+    train = _ok_rows(rows, "qlora_train_step")
+    for shape in sorted({r["shape"] for r in train}):
+        cur = {r["peer"]: r for r in _latest_run_with([r for r in train if r["shape"] == shape], {"velotune", "unsloth"})}
+        if not cur:
+            continue
+        v, u = cur["velotune"], cur["unsloth"]
+        ratio = v["tokens_per_s"] / u["tokens_per_s"]
+        mem_ok = v["peak_alloc_gib"] <= u["peak_alloc_gib"], v["peak_reserved_gib"] <= u["peak_reserved_gib"]
+        verdict = "met" if ratio >= 1.4 and all(mem_ok) else "missed" + (
+            " (speed)" if ratio < 1.4 else "") + ("" if all(mem_ok) else " (memory: " + ", ".join(
+                name for name, ok in zip(("allocated", "reserved"), mem_ok) if not ok) + " above Unsloth's)")
+        out.append(f"- #3 {shape}, seed settings ({v['card']}, run {v['run_id']}): {ratio:.2f}x Unsloth (target 1.4x) "
+                   f"at {v['peak_alloc_gib']:.2f} / {v['peak_reserved_gib']:.2f} GiB allocated / reserved vs "
+                   f"{u['peak_alloc_gib']:.2f} / {u['peak_reserved_gib']:.2f}: {verdict}")
+        auto = {r["peer"]: r for r in _latest_run_with([r for r in train if r["shape"] == shape],
+                                                      {"velotune_auto", "unsloth"})}
+        if auto and shape == "llama-8b":  # issue #4's max-speed target is the 8B shape's
+            a, u2 = auto["velotune_auto"], auto["unsloth"]
+            ratio = a["tokens_per_s"] / u2["tokens_per_s"]
+            out.append(f"- #4 {shape}, \"auto\" with the card as budget (run {a['run_id']}): {ratio:.2f}x Unsloth "
+                       f"(target 2x) at {a['peak_reserved_gib']:.1f} GiB reserved: {'met' if ratio >= 2 else 'missed'}")
+    longs = [r for r in rows if r.get("bench") == "long_context" and r.get("card") not in (None, "cpu")]
+    for peer in sorted({r["peer"] for r in longs}):
+        full = [r["length"] for r in longs if r["peer"] == peer and r.get("ok") and (r.get("layers") or 32) == 32]
+        probe = [r["length"] for r in longs if r["peer"] == peer and r.get("ok") and (r.get("layers") or 32) < 32]
+        out.append(f"- #4 longest 8B-shape sequence, {peer} (79 GiB cap): full model {max(full) if full else '-'} "
+                   f"tokens, per-layer probe {max(probe) if probe else '-'} tokens (target 400K; no full-model row "
+                   f"yet: bench/NOTES.md)" if not full else
+                   f"- #4 longest 8B-shape sequence, {peer} (79 GiB cap): {max(full)} tokens (target 400K)")
+    ddp = _ok_rows(rows, "ddp_scaling")
+    eff = [r for r in ddp if r.get("mode") == "ddp" and r.get("efficiency") and r.get("graph_captures")]
+    if eff:
+        r = max(eff, key=lambda r: r["run_id"])
+        out.append(f"- #8 DDP, {r['world']} ranks ({r['card']}, run {r['run_id']}): {r['efficiency']:.2f}x one rank "
+                   f"(target 1.85x): {'met' if r['efficiency'] >= 1.85 else 'missed'}")
+    fsdp = [r for r in ddp if r.get("mode") == "fsdp" and r.get("world", 1) > 1]
+    if fsdp:
+        big = max(fsdp, key=lambda r: (int(r["shape"].split("-")[1].rstrip("b")), r["run_id"]))
+        out.append(f"- #8 largest FSDP2 shape measured: {big['shape']} on {big['world']} ranks"
+                   f"{' capped at %g GiB' % big['cap_gib'] if big.get('cap_gib') else ''}: "
+                   f"{_fmt(big['tokens_per_s'], 0)} tokens/s, {big['peak_reserved_gib']:.1f} GiB reserved per rank")
+    dec = [r for r in _ok_rows(rows, "decode_4bit") if r.get("batch") == 1]
+    cur = {r["peer"]: r for r in _latest_run_with(dec, {"velotune_graphs", "unsloth"})}
+    if cur:
+        v, u = cur["velotune_graphs"], cur["unsloth"]
+        out.append(f"- #7 decoding 8B at batch 1 (run {v['run_id']}): {v['tokens_per_s']:.1f} vs Unsloth "
+                   f"{u['tokens_per_s']:.1f} tokens/s")
+    return out + [""]
+
+
 def main() -> None:
     rows = load_rows()
     text = ["# Benchmarks", "",
             "Generated by `python bench/report.py` from `bench/results/*.jsonl`. Compare numbers only within one "
             "table: same card, same run. Noise between runs of the same step reached 20% on H100s here.", ""]
-    text += train_step_section(rows) + packing_section(rows) + long_context_section(rows) + ddp_section(rows)
+    text += targets_section(rows) + train_step_section(rows) + packing_section(rows) + long_context_section(rows) + ddp_section(rows)
     text += decode_section(rows) + gguf_section(rows) + profile_section()
     OUT.write_text("\n".join(text).rstrip() + "\n")
     print(f"wrote {OUT}")
