@@ -106,17 +106,17 @@ def _peer_model(peer: str, ckpt: str, max_len: int, cuda: bool):
 
 
 def one_mode(args) -> dict:
-    import torch
-    from transformers import TrainerCallback
-    from trl import SFTConfig
-
     cuda = args.device == "cuda"
     peer, packed = ("velotune", args.mode == "packed") if args.mode in ("padded", "packed") else \
         (args.mode.split("_")[0], args.mode.endswith("packed"))
     if peer != "velotune" and not cuda:
         raise RuntimeError(f"the {peer} peer runs on CUDA only (TRL's SFTTrainer computes its loss with a fused "
                            "LM head that needs a CUDA Triton driver)")
-    model, tok, trainer_cls = _peer_model(peer, args.ckpt, args.max_len, cuda)
+    model, tok, trainer_cls = _peer_model(peer, args.ckpt, args.max_len, cuda)  # first: Unsloth patches at import
+    import torch
+    from transformers import TrainerCallback
+    from trl import SFTConfig
+
     ds = make_dataset(args.examples, args.min_len, args.max_len, model.config.vocab_size, args.seed)
     times = []
 
