@@ -160,6 +160,32 @@ def test_cuda_graphs_train_like_eager(family, gc, graphed, tmp_path, monkeypatch
     _assert_runs_agree(runs)
 
 
+def test_cuda_graphs_auto_keeps_some_and_offloads_the_rest(tmp_path, monkeypatch):
+    """"auto" with the layers it does not keep waiting in pinned host memory (graphs.AUTO_OFFLOAD_ON_CUDA):
+    real capture with layer 0 kept and layers 1-2 offloaded through the ring, 4 QLoRA steps like the
+    recompute path without graphs. When this passes, set graphs.AUTO_OFFLOAD_ON_CUDA = True."""
+    from velotune import set_cuda_graphs
+    from velotune.models import graphs
+
+    monkeypatch.setattr(graphs, "AUTO_OFFLOAD_ON_CUDA", True)
+    real = graphs.plan_keep
+    monkeypatch.setattr(graphs, "plan_keep", lambda policy, n, *a, **k: [i == 0 for i in range(n)]
+                        if policy == "auto" else real(policy, n, *a, **k))
+    path = _make("llama", tmp_path)
+    runs = {}
+    for mode in (False, True):
+        model = _lora(path, load_in_4bit=True, gc="auto" if mode else True)
+        set_cuda_graphs(model, mode)
+        runs[mode] = _four_steps(model, lambda step, ids: dict(input_ids=ids, labels=ids))
+        st = graphs.state_of(model.get_base_model())
+        assert (st.captures, st.broken) == (int(mode), None), st.broken
+        if mode:
+            gs = next(iter(st.sets.values()))
+            assert gs.keep == [True, False, False] and gs.offloaded == [False, True, True]
+        del model
+    _assert_runs_agree(runs)
+
+
 @pytest.mark.parametrize("host_short", [False, True], ids=["pinned", "host-short"])
 def test_long_context_paths_train_like_eager(tmp_path, monkeypatch, host_short):
     """The long-context memory paths on the GPU: the MLP in row chunks (models/chunked.py) under offloaded

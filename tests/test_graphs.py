@@ -62,7 +62,7 @@ def _captures(model):
 def test_graph_path_trains_like_eager(tiny_dir, emulate, family, gc, monkeypatch):
     """gc=True: static buffer per layer input; "unsloth"/"offload": ring of three slots + host copies;
     False: layers recorded with their activations (no recompute); "auto": the planner's mix (here layer 0
-    kept, layer 1 recomputed)."""
+    kept, layer 1 recomputed from its input in host memory)."""
     if gc == "auto":
         monkeypatch.setattr(graphs, "plan_keep", lambda policy, n, *a, **k: [i == 0 for i in range(n)])
     eager = _model(tiny_dir, family)
@@ -74,7 +74,8 @@ def test_graph_path_trains_like_eager(tiny_dir, emulate, family, gc, monkeypatch
     l_g, w_g = _train(graphed, 4, accumulate=2)
     assert _captures(graphed) == 1 and _captures(eager) == 0
     gs = next(iter(graphs.state_of(graphed.get_base_model()).sets.values()))
-    assert gs.offload == (gc in ("unsloth", "offload")) and len(gs.xs) == (3 if gs.offload else 2 + 1)
+    offloaded = {"unsloth": [True, True], "offload": [True, True], "auto": [False, True]}.get(gc, [False, False])
+    assert gs.offloaded == offloaded and [h is not None for h in getattr(gs, "host", [None] * 2)] == offloaded
     assert gs.keep == {False: [True, True], "auto": [True, False]}.get(gc, [False, False])
     # same ops on the same data; only autograd's summation order of a few gradients may differ
     torch.testing.assert_close(torch.tensor(l_g), torch.tensor(l_e), rtol=1e-5, atol=1e-6)
@@ -456,3 +457,64 @@ def test_graphed_steps_register_nothing(tiny_dir, emulate, gc):
     before = pointers._registrations
     _train(model, 2)
     assert pointers._registrations == before and _captures(model) == 1
+
+
+def _deep_model(tmp_path, layers: int, gc):
+    """A tiny Llama with ``layers`` decoder layers (enough for the ring of offloaded inputs to wrap around)."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.tiny_models import make_config, make_tokenizer
+
+    folder = tmp_path / f"llama-{layers}"
+    if not (folder / "config.json").is_file():
+        tok = make_tokenizer()
+        cfg = make_config("llama", len(tok))
+        cfg.num_hidden_layers = layers
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+        tok.save_pretrained(folder)
+    model, _ = FastLanguageModel.from_pretrained(str(folder), max_seq_length=128, load_in_4bit=False)
+    model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, random_state=3, use_gradient_checkpointing=gc)
+    randomize_lora_b(model, seed=11, std=0.1)
+    return model.train()
+
+
+@pytest.mark.parametrize("kept", [0, 2, 5, 7])
+def test_auto_keeps_a_prefix_and_offloads_the_rest(tmp_path, emulate, monkeypatch, kept):
+    """"auto" with offloading available: the first ``kept`` of 7 layers keep their activations, the others'
+    inputs wait in host memory through the ring of three GPU slots (wrapping around twice) and are fetched
+    one layer ahead in backward: eager's losses and weights (a slot reused too early would feed a layer the
+    wrong input). The pure "offload" policy over the same 7 layers too."""
+    real = graphs.plan_keep
+    monkeypatch.setattr(graphs, "plan_keep", lambda policy, n, *a, **k: [i < kept for i in range(n)]
+                        if policy == "auto" else real(policy, n, *a, **k))
+    eager = _deep_model(tmp_path, 7, True)
+    set_cuda_graphs(eager, False)
+    l_e, w_e = _train(eager, 3, accumulate=2)
+    for gc in ("auto", "offload"):
+        graphed = _deep_model(tmp_path, 7, gc)
+        set_cuda_graphs(graphed, True)
+        l_g, w_g = _train(graphed, 3, accumulate=2)
+        assert graphs.state_of(graphed.get_base_model()).broken is None, graphs.state_of(graphed.get_base_model()).broken
+        gs = next(iter(graphs.state_of(graphed.get_base_model()).sets.values()))
+        want = [i >= kept for i in range(7)] if gc == "auto" else [True] * 7
+        assert gs.offloaded == want and gs.keep == ([i < kept for i in range(7)] if gc == "auto" else [False] * 7)
+        ring = {x.data_ptr() for x, off in zip(gs.xs, want + want[-1:]) if off}  # inputs and output in the ring
+        assert len(ring) == (min(3, sum(want) + 1) if any(want) else 0)
+        assert not ring & {x.data_ptr() for x, off in zip(gs.xs, want + want[-1:]) if not off}
+        torch.testing.assert_close(torch.tensor(l_g), torch.tensor(l_e), rtol=1e-5, atol=1e-6)
+        for n in w_e:
+            torch.testing.assert_close(w_g[n], w_e[n], rtol=1e-5, atol=1e-6, msg=(gc, n))
+
+
+def test_plan_keep_counts_input_buffers():
+    """The planner counts the layer-input buffers it makes: one per layer (and the output, and two gradient
+    buffers) when nothing is offloaded; with the rest offloaded, one per kept layer plus the ring."""
+    gib, mib = 2**30, 2**20
+    mem = (20 * gib, 80 * gib)  # 20 free: 20 - 8 reserve - 2 temporaries = 10 GiB usable
+    assert sum(graphs.plan_keep("auto", 32, gib, None, mem)) == 10
+    assert sum(graphs.plan_keep("auto", 32, gib, None, mem, input_bytes=64 * mib)) == 7  # 10 - 35 x 64 MiB = 7.8
+    # offloaded rest: each kept layer 1 GiB + 64 MiB, plus 5 x 64 MiB of ring and gradients: 9.1 // 1.0625 = 9
+    assert sum(graphs.plan_keep("auto", 32, gib, None, mem, input_bytes=64 * mib, offload_rest=True)) == 9
+    keep = [i < 9 for i in range(32)]
+    assert graphs.plan_spare("auto", keep, gib, None, mem, 64 * mib, True) == int(10 * gib - 9 * gib - 14 * 64 * mib)

@@ -114,6 +114,7 @@ def _pending_line(cuda: bool) -> str:
              "few-row 4-bit matmul for decoding": nf4_matmul.ON_CUDA,
              "bitsandbytes' 4-bit GEMV for batch-1 decoding": lora.BNB_GEMV_ON_CUDA,
              "4-bit weights held dequantised (auto, memory left)": graphs.RESIDENT_ON_CUDA,
+             "auto: inputs of the layers it does not keep in host memory": graphs.AUTO_OFFLOAD_ON_CUDA,
              "parameter views in recorded backwards (outside DDP)": graphs.PARAM_VIEWS is not False}
     waiting = [name for name, on in flags.items() if not on]
     if not cuda:

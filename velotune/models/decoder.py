@@ -349,7 +349,8 @@ def _backbone(self, spec, input_ids, attention_mask, position_ids):
     sharded = any(fsdp)
     offload = gc and _offload_requested(self) and offload_mod.available(x) and not sharded
     if self.training and torch.is_grad_enabled() and not sharded:
-        out = _graphed_stack(self, layers, x, plan, attn_plans, position_ids, _policy(self, gc, offload))
+        out = _graphed_stack(self, layers, x, plan, attn_plans, position_ids, _policy(self, gc, offload),
+                             offload_mod.available(x))
         if out is not None:
             return _norm(out, backbone.norm, plan)
     if sharded:
@@ -449,11 +450,12 @@ def _offload_requested(model) -> bool:
     return getattr(st, "gradient_checkpointing", None) in ("unsloth", "offload")
 
 
-def _graphed_stack(model, layers, x, plan, attn_plans, position_ids, policy="recompute"):
+def _graphed_stack(model, layers, x, plan, attn_plans, position_ids, policy="recompute", can_offload=False):
     """The decoder stack through CUDA graphs (models/graphs.py), or None for the eager loop.
 
     The per-call attention inputs (positions, packed-row starts and sequence offsets, masks) become
-    static inputs of the graphs: the layers read the set's own copies, refilled every call."""
+    static inputs of the graphs: the layers read the set's own copies, refilled every call. ``can_offload``:
+    layer inputs may wait in host memory here ("auto" then offloads the layers it does not keep)."""
     from . import graphs
 
     st = graphs.state_of(model)
@@ -484,7 +486,7 @@ def _graphed_stack(model, layers, x, plan, attn_plans, position_ids, policy="rec
     return graphs.run_stack(model, layers, x, make_run_layer, key_extra=key,
                             check=lambda: all(_graph_fusable(layer, plan) for layer in layers), policy=policy,
                             max_tokens=x.shape[0] * max(max_len, x.shape[1]), inputs=inputs,
-                            frozen_weights=lambda: _frozen_4bit(layers))
+                            frozen_weights=lambda: _frozen_4bit(layers), offload_rest=can_offload)
 
 
 def _frozen_4bit(layers) -> list:

@@ -16,7 +16,9 @@ What is captured, per decoder layer ``l``, by policy (POLICIES, from use_gradien
   and wait in pinned host memory (GraphSet).
 * "keep" (False): ``F_l`` runs with grad, so its activations stay in the graphs' pool; ``B_l`` is the
   backward of that recorded graph (no recompute). "auto": the first layers keep, the rest recompute,
-  as many as the memory budget allows (plan_keep). GPU-tested (KEEP_ON_CUDA: the kill switch).
+  as many as the memory budget allows (plan_keep). GPU-tested (KEEP_ON_CUDA: the kill switch). Where
+  offloading is available (AUTO_OFFLOAD_ON_CUDA), the layers "auto" does not keep wait in host memory
+  like "offload"'s (kept layers: a GPU input buffer each; the others: the ring).
 
 Numerics are those of the eager fast forward: the same kernels run on the same inputs (the graphs
 are recorded from that code). When graphs are used (all must hold, checked per call):
@@ -132,7 +134,7 @@ _RING = 3  # GPU slots for layer inputs when they are offloaded (x[l] lives in s
 # Per layer, how its activations reach the backward: "keep" (recorded with grad: no recompute, all
 # activations stay; use_gradient_checkpointing=False), "recompute" (True), "offload" ("unsloth" /
 # "offload"), "auto" (the planner, plan_keep: keep as many layers as the memory budget allows, recompute
-# the rest).
+# the rest, from host memory where AUTO_OFFLOAD_ON_CUDA).
 POLICIES = ("keep", "recompute", "offload", "auto")
 # "keep" and "auto" record forwards with grad and replay a retained backward. On since
 # tests/test_fast_forward_gpu.py::test_cuda_graphs_train_like_eager[*-keep / *-auto] passed on an H200
@@ -146,24 +148,43 @@ KEEP_ON_CUDA = True
 # with the emulation.
 RESIDENT_ON_CUDA = True
 RESIDENT_ON_CPU = False
+# "auto": the layers the planner does not keep have their inputs wait in pinned host memory until their
+# backward, as "unsloth" / "offload" does for every layer (the same speed as recompute where measured: the
+# copies overlap the layers), instead of each holding a GPU buffer: room for more kept layers. Off on CUDA
+# until tests/test_fast_forward_gpu.py::test_cuda_graphs_auto_keeps_some_and_offloads_the_rest has run (written
+# without a GPU, 2026-11-28); on CPU it follows offload.ON_CPU (tests, with the emulation).
+AUTO_OFFLOAD_ON_CUDA = False
 _AUTO_RESERVE = 0.10  # "auto" without a budget: leave this fraction of the card free ...
 _AUTO_RESERVE_MIN = 2 << 30  # ... and at least this much (the loss, optimizer and allocator slack)
 
 
-def plan_keep(policy: str, n: int, layer_bytes, budget=None, mem_info=None) -> list:
+def plan_keep(policy: str, n: int, layer_bytes, budget=None, mem_info=None, input_bytes: int = 0,
+              offload_rest: bool = False) -> list:
     """Which layers keep their activations (True) instead of recomputing them.
 
-    "auto": keep the first ``k`` layers, ``k = usable // layer_bytes``, where usable is ``budget`` bytes
-    (an int), a fraction of the card (a float <= 1), or by default the free memory minus 10% of the card
-    (at least 2 GiB) and two layers' worth for the recompute temporaries. ``mem_info``: (free, total)
-    bytes, as ``torch.cuda.mem_get_info()``; without it (or without ``layer_bytes``) nothing is kept.
+    "auto": keep the first ``k`` layers, as many as fit in usable memory: ``budget`` bytes (an int), a
+    fraction of the card (a float <= 1), or by default the free memory minus 10% of the card (at least
+    2 GiB), less two layers' worth for the recompute temporaries and the layer-input buffers still to be
+    allocated (``input_bytes`` each: one per layer and the output, or with ``offload_rest`` one per kept
+    layer plus a ring of _RING, the other layers' inputs waiting in host memory). ``mem_info``: (free,
+    total) bytes, as ``torch.cuda.mem_get_info()``; without it (or without ``layer_bytes``) nothing is kept.
     """
     if policy == "keep":
         return [True] * n
     if policy != "auto" or not layer_bytes or mem_info is None:
         return [False] * n
-    k = max(0, min(n, int(_usable(layer_bytes, budget, mem_info) // layer_bytes)))
+    usable = _usable(layer_bytes, budget, mem_info)
+    if offload_rest:  # a kept layer costs its activations and its own input buffer
+        k = (usable - (_RING + 2) * input_bytes) // (layer_bytes + input_bytes)
+    else:  # every layer's input has a buffer anyway
+        k = (usable - (n + 3) * input_bytes) // layer_bytes
+    k = max(0, min(n, int(k)))
     return [i < k for i in range(n)]
+
+
+def _buffer_bytes(keep: list, input_bytes: int, offloaded: bool) -> int:
+    """GPU bytes of a graph set's layer inputs and gradient ping-pong (plan_keep's accounting)."""
+    return ((sum(keep) + _RING + 2) if offloaded else (len(keep) + 3)) * input_bytes
 
 
 def _usable(layer_bytes: int, budget, mem_info) -> float:
@@ -176,12 +197,23 @@ def _usable(layer_bytes: int, budget, mem_info) -> float:
     return min(free, int(budget)) - 2 * layer_bytes
 
 
-def plan_spare(policy: str, keep: list, layer_bytes, budget=None, mem_info=None) -> int:
-    """Bytes of the "auto" budget (as :func:`plan_keep` counts it) left after the kept layers' activations;
-    0 for other policies or without the numbers."""
+def plan_spare(policy: str, keep: list, layer_bytes, budget=None, mem_info=None, input_bytes: int = 0,
+               offloaded: bool = False) -> int:
+    """Bytes of the "auto" budget (as :func:`plan_keep` counts it) left after the kept layers' activations
+    and the input buffers (``offloaded``: some layers' inputs wait in host memory); 0 for other policies or
+    without the numbers."""
     if policy != "auto" or not layer_bytes or mem_info is None:
         return 0
-    return max(0, int(_usable(layer_bytes, budget, mem_info) - sum(keep) * layer_bytes))
+    used = sum(keep) * layer_bytes + _buffer_bytes(keep, input_bytes, offloaded)
+    return max(0, int(_usable(layer_bytes, budget, mem_info) - used))
+
+
+def _host_has_room(nbytes: int) -> bool:
+    """Whether ``nbytes`` more of page-locked host memory leaves the machine its reserve (offload.py's rule)."""
+    from .offload import HOST_RESERVE_GIB, _meminfo
+
+    available, total = _meminfo()
+    return available < 0 or available - nbytes >= max(HOST_RESERVE_GIB * 2**30, 0.05 * total)
 
 
 class _Arena:
@@ -223,7 +255,8 @@ class GraphSet:
     """
 
     def __init__(self, make_run_layer, layers, x_example: torch.Tensor, autocast, emulate: bool, policy: str,
-                 arena: _Arena, pool=None, min_numel: int = 0, budget=None, inputs=None, hold_weights=None):
+                 arena: _Arena, pool=None, min_numel: int = 0, budget=None, inputs=None, hold_weights=None,
+                 offload_rest: bool = False):
         self.layers, self.autocast, self.emulate = list(layers), autocast, emulate
         # per-call attention inputs (positions, masks, sequence starts): this set's own static copies,
         # refilled before every replay (set_inputs); the layers read them through run_layer
@@ -233,7 +266,6 @@ class GraphSet:
         if policy not in POLICIES:
             raise ValueError(f"checkpointing policy {policy!r}: one of {POLICIES}")
         self.policy = policy
-        self.offload = offload = policy == "offload"
         self.params = [[p for p in layer.parameters() if p.requires_grad] for layer in self.layers]
         self.param_slots = [_slots(layer) for layer in self.layers]  # (module, name) of each, same order
         self.param_views = _param_views()
@@ -242,30 +274,41 @@ class GraphSet:
         self.ptrs = self.current_ptrs()
         n = len(self.layers)
         shape, dt, dev = tuple(x_example.shape), x_example.dtype, x_example.device
-        slots = _RING if offload else n + 1
-        self.xs = [arena.view(("x", i), shape, dt, dev, min_numel) for i in range(slots)]
+        self.used = [None] * n  # per layer: which parameters got a gradient at capture
+        self.saved = [None] * n  # kept layers: (input, output) of the recorded forward, whose graph holds
+        self.layer_bytes = self._warm_up(x_example)  # activations one kept layer holds (CUDA), else None
+        mem_info = None if emulate else _free_memory()
+        input_bytes = max(x_example.numel(), min_numel) * x_example.element_size()  # an arena buffer's size
+        # "auto": the layers it does not keep wait in host memory until their backward (instead of on the
+        # GPU), when offloading is available here and the host has the room
+        rest = offload_rest and policy == "auto" and _host_has_room(n * input_bytes)
+        self.keep = plan_keep(policy, n, self.layer_bytes, budget, mem_info, input_bytes, rest)
+        self.offloaded = [(policy == "offload" or rest) and not kept for kept in self.keep]
+        # layer inputs: a GPU buffer each for layers that are not offloaded (a kept layer's graph reads its
+        # input in backward), a ring of _RING slots for the offloaded ones (and for the stack's output after one)
+        ring = [arena.view(("xr", j), shape, dt, dev, min_numel) for j in range(_RING)] if any(self.offloaded) else []
+        self.xs = [ring[i % _RING] if (self.offloaded[i] if i < n else self.offloaded[n - 1])
+                   else arena.view(("x", i), shape, dt, dev, min_numel) for i in range(n + 1)]
         self.dbuf = [arena.view(("d", i), shape, dt, dev, min_numel) for i in range(2)]
         self.gbuf, k = [], 0
         for ps in self.params:
             self.gbuf.append([arena.view(("g", k + j), p.shape, p.dtype, p.device) for j, p in enumerate(ps)])
             k += len(ps)
-        if offload:
-            self.host = [arena.view(("h", i), shape, dt, "cpu", min_numel, pin=not emulate) for i in range(n)]
+        self.side = None
+        if any(self.offloaded):
+            self.host = [arena.view(("h", i), shape, dt, "cpu", min_numel, pin=not emulate) if off else None
+                         for i, off in enumerate(self.offloaded)]
             self.side = None if emulate else torch.cuda.Stream()
             self.slot_free = [None] * _RING  # event: the slot's last offload copy has finished
             self.ready = [None] * n  # event: host[l] is back in its slot
         self.arena, self.arena_generation = arena, arena.generation
-        self.used = [None] * n  # per layer: which parameters got a gradient at capture
-        self.saved = [None] * n  # kept layers: (input, output) of the recorded forward, whose graph holds
-        self.layer_bytes = self._warm_up(x_example)  # activations one kept layer holds (CUDA), else None
-        mem_info = None if emulate else _free_memory()
-        self.keep = plan_keep(policy, n, self.layer_bytes, budget, mem_info)
         # everything kept and memory left: hold the frozen weights dequantised (before capture: the graphs
         # then read them instead of dequantising); hold_weights(dtype, spare bytes) -> held or not
         self.resident = False
         if hold_weights is not None and all(self.keep) and (RESIDENT_ON_CPU if emulate else RESIDENT_ON_CUDA):
             dtype = autocast["dtype"] if autocast["enabled"] else x_example.dtype
-            self.resident = hold_weights(dtype, plan_spare(policy, self.keep, self.layer_bytes, budget, mem_info))
+            self.resident = hold_weights(dtype, plan_spare(policy, self.keep, self.layer_bytes, budget, mem_info,
+                                                           input_bytes, any(self.offloaded)))
         self.fwd = [_capture(lambda i=i: self._forward(i), pool, emulate, f"the forward of layer {i}")
                     for i in range(n)]
         self.bwd = [_capture(lambda i=i: self._backward(i), pool, emulate, f"the backward of layer {i}")
@@ -279,7 +322,7 @@ class GraphSet:
 
     def close(self) -> None:
         """Before the set is dropped: the main stream waits for pending host copies on the side stream."""
-        if self.offload and self.side is not None:
+        if self.side is not None:
             torch.cuda.current_stream().wait_stream(self.side)
 
     def current_ptrs(self) -> tuple:
@@ -290,7 +333,7 @@ class GraphSet:
 
     def input_of(self, i: int) -> torch.Tensor:
         """The static GPU buffer that holds layer ``i``'s input (``i == len(layers)``: the output)."""
-        return self.xs[i % _RING] if self.offload else self.xs[i]
+        return self.xs[i]
 
     def _run_with_grad(self, i: int, xr: torch.Tensor):
         """Layer ``i`` on ``xr`` with grad, for a recorded backward: (output, the tensors to differentiate for
@@ -348,21 +391,22 @@ class GraphSet:
         n = len(self.layers)
         self.input_of(0).copy_(x0)
         for i in range(n):
-            if self.offload:
+            if self.offloaded[i]:
                 self._offload(i)  # x[i] to the host while layer i runs
-                self._wait_slot_free(i + 1)  # layer i overwrites the slot of x[i - 2]
+            if self.offloaded[min(i + 1, n - 1)]:
+                self._wait_slot_free(i + 1)  # layer i overwrites the ring slot of x[i - 2]
             self.fwd[i].replay()
         return self.input_of(n).clone()
 
     def run_backward(self, dy: torch.Tensor) -> None:
         n = len(self.layers)
         self.dbuf[0].copy_(dy)
-        if self.offload:
+        if self.offloaded[n - 1]:
             self._fetch(n - 1)
         for j, r in enumerate(self.bwd):
             i = n - 1 - j
-            if self.offload:
-                if i > 0:
+            if self.offloaded[i]:
+                if i > 0 and self.offloaded[i - 1]:
                     self._fetch(i - 1)  # one layer ahead, into a slot layer i does not read
                 self._wait_ready(i)
             r.replay()
@@ -589,7 +633,8 @@ def autocast_state(device_type: str) -> dict:
 
 
 def run_stack(model, layers, x: torch.Tensor, make_run_layer, key_extra=(), check=lambda: True,
-              policy: str = "recompute", max_tokens: int = 0, inputs=None, frozen_weights=None) -> Optional[torch.Tensor]:
+              policy: str = "recompute", max_tokens: int = 0, inputs=None, frozen_weights=None,
+              offload_rest: bool = False) -> Optional[torch.Tensor]:
     """The stack's output through CUDA graphs, or None when the eager path should run.
 
     ``make_run_layer(static_inputs)`` returns the eager layer ``run_layer(layer, x)`` reading the
@@ -600,7 +645,9 @@ def run_stack(model, layers, x: torch.Tensor, make_run_layer, key_extra=(), chec
     asked once before a capture; ``policy`` says how activations reach the backward (POLICIES);
     ``max_tokens`` sizes the shared buffers for the longest batch expected (batch x max_seq_length);
     ``frozen_weights()`` lists the layers' frozen 4-bit weights (``hold(dtype)`` / ``release()`` /
-    ``weight_shape``), which "auto" may hold dequantised when memory is left (RESIDENT_ON_CUDA).
+    ``weight_shape``), which "auto" may hold dequantised when memory is left (RESIDENT_ON_CUDA);
+    ``offload_rest``: offloading is available, so "auto" may have the layers it does not keep wait in host
+    memory (AUTO_OFFLOAD_ON_CUDA).
     """
     st = state_of(model)
     if st.mode is False or st.broken is not None:
@@ -639,7 +686,7 @@ def run_stack(model, layers, x: torch.Tensor, make_run_layer, key_extra=(), chec
             hold = None if frozen_weights is None else (lambda dtype, spare: _hold(st, frozen_weights(), dtype, spare))
             gs = GraphSet(make_run_layer, layers, x.detach(), ac, emulate, policy, st.arena, st.pool,
                           min_numel=max_tokens * x.shape[-1], budget=st.memory_budget, inputs=inputs,
-                          hold_weights=hold)
+                          hold_weights=hold, offload_rest=offload_rest and (emulate or AUTO_OFFLOAD_ON_CUDA))
         except Exception as e:  # noqa: BLE001 - any capture failure: say why, stay eager (same numerics)
             st.broken = f"{type(e).__name__}: {e}"
             say(f"CUDA graphs could not be captured ({st.broken[:300]}); training continues without them "
@@ -652,9 +699,10 @@ def run_stack(model, layers, x: torch.Tensor, make_run_layer, key_extra=(), chec
             st.sets.pop(k).close()  # recorded against buffers the arena has since replaced
         st.sets[key] = gs
         kept = sum(gs.keep)
+        rest = "have their inputs wait in host memory" if any(gs.offloaded) else "recompute"
         how = {"offload": "layer inputs offloaded to host memory", "recompute": "recompute checkpointing",
                "keep": "activations kept"}.get(policy, f"{kept} of {len(layers)} layers keep their activations, "
-                                               f"the rest recompute (memory planner)")
+                                               f"the rest {rest} (memory planner)")
         say(f"CUDA graphs: captured {len(layers)} layers for batch {tuple(x.shape[:2])} in "
             f"{time.perf_counter() - t:.1f} s ({how})")
     else:
