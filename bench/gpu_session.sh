@@ -26,7 +26,7 @@ if [[ $what == train1b || $what == all ]]; then
     --results "$OUT/train_step.jsonl" --workdir /tmp/vb --timeout 150 2>&1 | grep "\[bench\]\|graphs" | tee "$OUT/train1b.txt"
 fi
 if [[ $what == train8b || $what == all ]]; then
-  timeout 560 python bench/run_train_step.py --shapes 8b --peers velotune velotune_auto velotune_auto_8g velotune_auto_8g_offload unsloth hf \
+  timeout 560 python bench/run_train_step.py --shapes 8b --peers velotune velotune_auto velotune_auto_16g velotune_auto_16g_offload velotune_auto_equal unsloth hf \
     --results "$OUT/train_step.jsonl" --workdir /tmp/vb --timeout 200 2>&1 | grep "\[bench\]\|graphs" | tee "$OUT/train8b.txt"
 fi
 if [[ $what == packing || $what == all ]]; then

@@ -8,9 +8,11 @@ Prints one JSON row (median step seconds, tokens/s, peak max_memory_allocated an
 max_memory_reserved, first losses). ``velotune`` runs with CUDA graphs ("auto": recorded in the first
 warm-up step), ``velotune_eager`` without (the same kernels launched one by one); both with
 use_gradient_checkpointing="unsloth" (offloaded, as the seed and the Unsloth peer), ``velotune_recompute``
-with True, ``velotune_auto`` with "auto" (the planner; budget: the free memory), ``velotune_auto_8g`` with an
-8 GiB budget (part of the layers kept, the rest recomputed from GPU inputs) and ``velotune_auto_8g_offload``
-the same with the other layers' inputs in host memory (graphs.AUTO_OFFLOAD_ON_CUDA). velotune's optimizer is
+with True, ``velotune_auto`` with "auto" (the planner; budget: the free memory), ``velotune_auto_16g`` with a
+16 GiB budget in all (about half the 8B layers kept, the rest recomputed from GPU inputs),
+``velotune_auto_16g_offload`` the same with the other layers' inputs in host memory
+(graphs.AUTO_OFFLOAD_ON_CUDA), ``velotune_auto_equal`` with Unsloth's measured peak as the budget (and the
+rest offloaded). velotune's optimizer is
 bitsandbytes' AdamW8bit through ``without_host_syncs``, as velotune's SFTTrainer builds it.
 Run each peer in its own process (Unsloth patches transformers at import): bench/run_train_step.py.
 
@@ -28,12 +30,18 @@ import time
 from _child import write_result
 from _peers import fast_model, hf_model
 
-PEERS = ["velotune", "velotune_eager", "velotune_auto", "velotune_auto_resident", "velotune_auto_8g",
-         "velotune_auto_8g_offload", "velotune_recompute", "hf", "unsloth", "liger"]
+PEERS = ["velotune", "velotune_eager", "velotune_auto", "velotune_auto_resident", "velotune_auto_16g",
+         "velotune_auto_16g_offload", "velotune_auto_equal", "velotune_recompute", "hf", "unsloth", "liger"]
 # use_gradient_checkpointing per peer: the seed's (and Unsloth's) "unsloth" = offloaded checkpointing
 GC = {"velotune": "unsloth", "velotune_eager": "unsloth", "velotune_auto": "auto", "velotune_auto_resident": "auto",
-      "velotune_auto_8g": "auto", "velotune_auto_8g_offload": "auto", "velotune_recompute": True,
+      "velotune_auto_16g": "auto", "velotune_auto_16g_offload": "auto", "velotune_auto_equal": "auto",
+      "velotune_recompute": True,
       "unsloth": "unsloth", "hf": True, "liger": True}
+
+
+# Unsloth's peak reserved memory for this step (H200, bench/results/train_step.jsonl), by hidden size:
+# velotune_auto_equal's budget (issue #4: tokens/s at equal memory)
+UNSLOTH_PEAK_GIB = {2048: 1.87, 4096: 7.11}
 
 
 def load_peer(peer: str, ckpt: str, seq: int):
@@ -49,11 +57,13 @@ def load_peer(peer: str, ckpt: str, seq: int):
             raise RuntimeError("a velotune GPU path is switched off (velotune env); this benchmark measures them on")
         model = fast_model("velotune", ckpt, seq, cuda=True, gc=GC[peer])[0]
         set_cuda_graphs(model, False if peer == "velotune_eager" else "auto")  # auto: recorded in warm-up step 1
-        if peer.startswith("velotune_auto_8g"):  # a budget that keeps part of the layers (8B: about half);
-            from velotune import set_memory_budget  # _offload: the others' inputs wait in host memory
+        if peer.startswith(("velotune_auto_16g", "velotune_auto_equal")):
+            from velotune import set_memory_budget
 
-            set_memory_budget(model, 8)
-            graphs.AUTO_OFFLOAD_ON_CUDA = peer.endswith("_offload")
+            # 16 GiB in all keeps about half the 8B layers; "equal": Unsloth's measured peak (H200, reserved)
+            budget = 16 if "16g" in peer else UNSLOTH_PEAK_GIB[model.config.hidden_size]
+            set_memory_budget(model, budget)
+            graphs.AUTO_OFFLOAD_ON_CUDA = peer.endswith(("_offload", "_equal"))  # the rest: inputs on the host
         return model
     if peer == "liger":
         from liger_kernel.transformers import apply_liger_kernel_to_llama

@@ -285,6 +285,12 @@ def test_memory_planner_keeps_what_fits():
     assert sum(graphs.plan_keep("auto", 32, gib, 0.25, (70 * gib, 80 * gib))) == 18
     assert sum(graphs.plan_keep("auto", 32, gib, 6 * gib, (70 * gib, 80 * gib))) == 4
     assert graphs.plan_keep("auto", 32, gib, None, (5 * gib, 80 * gib)) == [False] * 32
+    # a budget is the process's whole memory: beside 4 GiB already in use, 12 GiB leave 8 - 2 = 6 layers; a
+    # budget below what is in use keeps none; the default (no budget) ignores what is in use
+    assert sum(graphs.plan_keep("auto", 32, gib, 12 * gib, (70 * gib, 80 * gib), in_use=4 * gib)) == 6
+    assert sum(graphs.plan_keep("auto", 32, gib, 0.25, (70 * gib, 80 * gib), in_use=4 * gib)) == 14
+    assert sum(graphs.plan_keep("auto", 32, gib, 3 * gib, (70 * gib, 80 * gib), in_use=4 * gib)) == 0
+    assert sum(graphs.plan_keep("auto", 32, gib, None, (20 * gib, 80 * gib), in_use=4 * gib)) == 10
     # the other policies, and no measurement (CPU): nothing to plan
     assert graphs.plan_keep("keep", 3, None) == [True] * 3
     assert graphs.plan_keep("recompute", 3, gib, None, (70 * gib, 80 * gib)) == [False] * 3

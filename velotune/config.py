@@ -138,8 +138,9 @@ class MemoryConfig:
                    "unsloth / offload: offloaded checkpointing (least memory); auto: keep what memory_budget "
                    "allows, recompute the rest (GPU, CUDA graphs)")
     memory_budget: float | None = _f(
-        None, "gradient_checkpointing auto: GiB (> 1) or fraction of the card (<= 1) that kept activations "
-              "may use; default the free memory minus 10% of the card")
+        None, "gradient_checkpointing auto: GiB (> 1) or fraction of the card (<= 1) the training step may use "
+              "in all, weights included; kept activations fill what is left; default the free memory minus "
+              "10% of the card")
     cuda_graphs: bool | Literal["auto"] = _f(
         "auto", "record each layer's kernels once and replay them (GPU): auto (the first 8 batch shapes), "
                 "true (every shape), false (never; same numerics, slower)")

@@ -159,21 +159,23 @@ _AUTO_RESERVE_MIN = 2 << 30  # ... and at least this much (the loss, optimizer a
 
 
 def plan_keep(policy: str, n: int, layer_bytes, budget=None, mem_info=None, input_bytes: int = 0,
-              offload_rest: bool = False) -> list:
+              offload_rest: bool = False, in_use: int = 0) -> list:
     """Which layers keep their activations (True) instead of recomputing them.
 
-    "auto": keep the first ``k`` layers, as many as fit in usable memory: ``budget`` bytes (an int), a
-    fraction of the card (a float <= 1), or by default the free memory minus 10% of the card (at least
-    2 GiB), less two layers' worth for the recompute temporaries and the layer-input buffers still to be
-    allocated (``input_bytes`` each: one per layer and the output, or with ``offload_rest`` one per kept
-    layer plus a ring of _RING, the other layers' inputs waiting in host memory). ``mem_info``: (free,
-    total) bytes, as ``torch.cuda.mem_get_info()``; without it (or without ``layer_bytes``) nothing is kept.
+    "auto": keep the first ``k`` layers, as many as fit in usable memory: with a ``budget`` (bytes, an int,
+    or a fraction of the card, a float <= 1: the process's whole memory on the card) what it leaves beside
+    the ``in_use`` bytes already allocated (weights, adapters, ...), by default the free memory minus 10%
+    of the card (at least 2 GiB); either way less two layers' worth for the recompute temporaries and the
+    layer-input buffers still to be allocated (``input_bytes`` each: one per layer and the output, or with
+    ``offload_rest`` one per kept layer plus a ring of _RING, the other layers' inputs waiting in host
+    memory). ``mem_info``: (free, total) bytes, as ``torch.cuda.mem_get_info()``; without it (or without
+    ``layer_bytes``) nothing is kept.
     """
     if policy == "keep":
         return [True] * n
     if policy != "auto" or not layer_bytes or mem_info is None:
         return [False] * n
-    usable = _usable(layer_bytes, budget, mem_info)
+    usable = _usable(layer_bytes, budget, mem_info, in_use)
     if offload_rest:  # a kept layer costs its activations and its own input buffer
         k = (usable - (_RING + 2) * input_bytes) // (layer_bytes + input_bytes)
     else:  # every layer's input has a buffer anyway
@@ -187,25 +189,24 @@ def _buffer_bytes(keep: list, input_bytes: int, offloaded: bool) -> int:
     return ((sum(keep) + _RING + 2) if offloaded else (len(keep) + 3)) * input_bytes
 
 
-def _usable(layer_bytes: int, budget, mem_info) -> float:
+def _usable(layer_bytes: int, budget, mem_info, in_use: int = 0) -> float:
     """Bytes the "auto" planner may fill (see plan_keep), two layers' recompute temporaries set aside."""
     free, total = mem_info
     if budget is None:
         return free - max(_AUTO_RESERVE * total, _AUTO_RESERVE_MIN) - 2 * layer_bytes
-    if isinstance(budget, float) and budget <= 1.0:
-        return min(free, budget * total) - 2 * layer_bytes
-    return min(free, int(budget)) - 2 * layer_bytes
+    limit = budget * total if isinstance(budget, float) and budget <= 1.0 else int(budget)
+    return min(free, limit - in_use) - 2 * layer_bytes
 
 
 def plan_spare(policy: str, keep: list, layer_bytes, budget=None, mem_info=None, input_bytes: int = 0,
-               offloaded: bool = False) -> int:
+               offloaded: bool = False, in_use: int = 0) -> int:
     """Bytes of the "auto" budget (as :func:`plan_keep` counts it) left after the kept layers' activations
     and the input buffers (``offloaded``: some layers' inputs wait in host memory); 0 for other policies or
     without the numbers."""
     if policy != "auto" or not layer_bytes or mem_info is None:
         return 0
     used = sum(keep) * layer_bytes + _buffer_bytes(keep, input_bytes, offloaded)
-    return max(0, int(_usable(layer_bytes, budget, mem_info) - used))
+    return max(0, int(_usable(layer_bytes, budget, mem_info, in_use) - used))
 
 
 def _host_has_room(nbytes: int) -> bool:
@@ -278,11 +279,12 @@ class GraphSet:
         self.saved = [None] * n  # kept layers: (input, output) of the recorded forward, whose graph holds
         self.layer_bytes = self._warm_up(x_example)  # activations one kept layer holds (CUDA), else None
         mem_info = None if emulate else _free_memory()
+        in_use = 0 if emulate else torch.cuda.memory_allocated()  # weights, adapters, ...: inside a budget
         input_bytes = max(x_example.numel(), min_numel) * x_example.element_size()  # an arena buffer's size
         # "auto": the layers it does not keep wait in host memory until their backward (instead of on the
         # GPU), when offloading is available here and the host has the room
         rest = offload_rest and policy == "auto" and _host_has_room(n * input_bytes)
-        self.keep = plan_keep(policy, n, self.layer_bytes, budget, mem_info, input_bytes, rest)
+        self.keep = plan_keep(policy, n, self.layer_bytes, budget, mem_info, input_bytes, rest, in_use)
         self.offloaded = [(policy == "offload" or rest) and not kept for kept in self.keep]
         # layer inputs: a GPU buffer each for layers that are not offloaded (a kept layer's graph reads its
         # input in backward), a ring of _RING slots for the offloaded ones (and for the stack's output after one)
@@ -308,7 +310,7 @@ class GraphSet:
         if hold_weights is not None and all(self.keep) and (RESIDENT_ON_CPU if emulate else RESIDENT_ON_CUDA):
             dtype = autocast["dtype"] if autocast["enabled"] else x_example.dtype
             self.resident = hold_weights(dtype, plan_spare(policy, self.keep, self.layer_bytes, budget, mem_info,
-                                                           input_bytes, any(self.offloaded)))
+                                                           input_bytes, any(self.offloaded), in_use))
         self.fwd = [_capture(lambda i=i: self._forward(i), pool, emulate, f"the forward of layer {i}")
                     for i in range(n)]
         self.bwd = [_capture(lambda i=i: self._backward(i), pool, emulate, f"the backward of layer {i}")
@@ -589,9 +591,10 @@ def state_of(model) -> _State:
 
 
 def set_memory_budget(model, budget) -> None:
-    """Memory the ``use_gradient_checkpointing="auto"`` planner may use for the layers' activations: GiB
-    (a number > 1) or a fraction of the card (<= 1); None: the free memory minus 10% of the card (at
-    least 2 GiB). Applies to the next capture (graphs are recorded again)."""
+    """The GPU memory a ``use_gradient_checkpointing="auto"`` training step may use in all, weights and
+    adapters included: GiB (a number > 1) or a fraction of the card (<= 1); the planner keeps as many
+    layers' activations as fit beside what is already allocated. None: keep what fits in the free memory
+    minus 10% of the card (at least 2 GiB). Applies to the next capture (graphs are recorded again)."""
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0):
         raise ValueError(f"set_memory_budget({budget!r}): give GiB (a number > 1) or a fraction of the card (<= 1)")
     if budget is not None:
