@@ -164,26 +164,20 @@ def test_cuda_graphs_auto_keeps_some_and_offloads_the_rest(tmp_path, monkeypatch
     """"auto" with the layers it does not keep waiting in pinned host memory (graphs.AUTO_OFFLOAD_ON_CUDA):
     real capture with layer 0 kept and layers 1-2 offloaded through the ring, 4 QLoRA steps like the
     recompute path without graphs. When this passes, set graphs.AUTO_OFFLOAD_ON_CUDA = True."""
-    from velotune import set_cuda_graphs
     from velotune.models import graphs
 
     monkeypatch.setattr(graphs, "AUTO_OFFLOAD_ON_CUDA", True)
     real = graphs.plan_keep
     monkeypatch.setattr(graphs, "plan_keep", lambda policy, n, *a, **k: [i == 0 for i in range(n)]
                         if policy == "auto" else real(policy, n, *a, **k))
-    path = _make("llama", tmp_path)
-    runs = {}
-    for mode in (False, True):
-        model = _lora(path, load_in_4bit=True, gc="auto" if mode else True)
-        set_cuda_graphs(model, mode)
-        runs[mode] = _four_steps(model, lambda step, ids: dict(input_ids=ids, labels=ids))
-        st = graphs.state_of(model.get_base_model())
+
+    def check(st, mode):
         assert (st.captures, st.broken) == (int(mode), None), st.broken
         if mode:
             gs = next(iter(st.sets.values()))
             assert gs.keep == [True, False, False] and gs.offloaded == [False, True, True]
-        del model
-    _assert_runs_agree(runs)
+
+    _assert_runs_agree(_auto_graphs_vs_recompute(tmp_path, check))
 
 
 @pytest.mark.parametrize("host_short", [False, True], ids=["pinned", "host-short"])
@@ -240,20 +234,31 @@ def test_cuda_graphs_auto_with_held_4bit_weights(tmp_path, monkeypatch):
     """"auto" with every layer kept and memory left, the 4-bit weights held dequantised (graphs.RESIDENT_ON_CUDA):
     captured, the weights held, 4 QLoRA steps like the recompute path without graphs (the default since it
     passed on an H200 and measured faster: bench/run_train_step.py, 2026-11-28)."""
-    from velotune import set_cuda_graphs
     from velotune.models import graphs
 
     monkeypatch.setattr(graphs, "RESIDENT_ON_CUDA", True)
+
+    def check(st, mode):
+        assert st.captures == int(mode) and bool(st.resident) == mode, (st.captures, len(st.resident), st.broken)
+
+    _assert_runs_agree(_auto_graphs_vs_recompute(tmp_path, check))
+
+
+def _auto_graphs_vs_recompute(tmp_path, check) -> dict:
+    """4 QLoRA steps of a tiny 4-bit Llama: recompute without graphs (key False) and "auto" through CUDA graphs
+    (key True); ``check(graphs_state, mode)`` after each run. Returns the runs for _assert_runs_agree."""
+    from velotune import set_cuda_graphs
+    from velotune.models import graphs
+
     path = _make("llama", tmp_path)
     runs = {}
     for mode in (False, True):
         model = _lora(path, load_in_4bit=True, gc="auto" if mode else True)
         set_cuda_graphs(model, mode)
         runs[mode] = _four_steps(model, lambda step, ids: dict(input_ids=ids, labels=ids))
-        st = graphs.state_of(model.get_base_model())
-        assert st.captures == int(mode) and bool(st.resident) == mode, (st.captures, len(st.resident), st.broken)
+        check(graphs.state_of(model.get_base_model()), mode)
         del model
-    _assert_runs_agree(runs)
+    return runs
 
 
 def test_cuda_graphs_capture_after_eager_step_and_under_ddp(tmp_path, monkeypatch):
