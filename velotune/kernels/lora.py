@@ -134,10 +134,11 @@ def _scaled_mm(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
 
 # One row (decoding at batch 1) times a 4-bit weight, without gradients: bitsandbytes' own 4-bit GEMV
 # (bnb.matmul_4bit's inference path, what transformers + bitsandbytes run for such a product: it reads the
-# 4-bit storage only, dequantising in registers) instead of dequantise + GEMM. Off on CUDA until its GPU test
-# (recorded decode at batch 1 vs HF) and bench/decode.py's velotune_bnbgemv peer have run (written without a
-# GPU, 2026-11-28); ON_CPU: tests, through bitsandbytes' CPU implementation of the same op.
-BNB_GEMV_ON_CUDA = False
+# 4-bit storage only, dequantising in registers) instead of dequantise + GEMM. On CUDA since its GPU test
+# (recorded decode at batch 1 = HF's greedy tokens) passed and it measured 65.8 vs 42.2 tok/s at batch 1 (8B
+# shape, r16, H200, bench/decode.py run of 2026-11-28, 7e306d4); ON_CPU: tests, through bitsandbytes' CPU
+# implementation of the same op.
+BNB_GEMV_ON_CUDA = True
 BNB_GEMV_ON_CPU = False
 
 
