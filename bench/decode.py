@@ -26,7 +26,8 @@ HERE = Path(__file__).resolve().parent
 # velotune: the generation path, dynamic cache, kernels launched one by one; velotune_graphs: for_inference's
 # defaults where decode steps are recorded (static cache, CUDA graphs); velotune_gemv: those plus the few-row
 # 4-bit matmul (kernels/nf4_matmul.py) in place of dequantise + GEMM; velotune_bnbgemv: velotune_graphs with
-# bitsandbytes' 4-bit GEMV for one-row products (batch 1; kernels/lora.py BNB_GEMV_ON_CUDA); hf_static: HF with
+# bitsandbytes' 4-bit GEMV for one-row products (batch 1; kernels/lora.py BNB_GEMV_ON_CUDA, velotune's default
+# since 2026-11-28; the other velotune peers run without it); hf_static: HF with
 # a static cache (generate then torch.compiles the forward: its warm-up generate includes the compile)
 PEERS = ["velotune", "velotune_graphs", "velotune_gemv", "velotune_bnbgemv", "hf", "hf_static", "unsloth"]
 

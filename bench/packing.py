@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -118,13 +119,14 @@ def one_mode(args) -> dict:
     from trl import SFTConfig
 
     ds = make_dataset(args.examples, args.min_len, args.max_len, model.config.vocab_size, args.seed)
-    times = []
+    times, seen = [], []  # per optimizer step: its end time, and how many batches the collator had made by then
 
     class _Clock(TrainerCallback):
         def on_step_end(self, *a, **k):
             if cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter())
+            seen.append(len(counter.counts))
 
     targs = SFTConfig(output_dir=str(Path(args.workdir) / f"out-{args.mode}"), per_device_train_batch_size=2,
                       num_train_epochs=1, learning_rate=2e-4, lr_scheduler_type="linear",
@@ -142,13 +144,17 @@ def one_mode(args) -> dict:
     t0 = time.perf_counter()
     trainer.train()
     total = time.perf_counter() - t0
+    # Tokens are attributed to steps by the collator's count at each step end, not one batch per step: a
+    # trainer may take several batches a step (Unsloth's took 2 per step in this workflow, 2026-11-28) or
+    # collate one ahead; both shift every step's window alike.
     w = min(args.warmup, len(times) - 1)
-    steady_tokens = sum(counter.counts[w + 1: len(times)])
+    steady_tokens = sum(counter.counts[seen[w]: seen[-1]])
     steady_s = times[-1] - times[w]
     return {
-        "mode": args.mode, "peer": peer, "packing": packed, "logging_steps": args.logging_steps, "steps": len(times), "real_tokens": sum(counter.counts),
+        "mode": args.mode, "peer": peer, "packing": packed, "logging_steps": args.logging_steps, "steps": len(times),
+        "batches_per_step": round(len(counter.counts) / max(1, len(times)), 2), "real_tokens": sum(counter.counts),
         "tokens_per_s": round(steady_tokens / steady_s, 1) if steady_s > 0 else None,
-        "tokens_per_s_with_warmup": round(sum(counter.counts[: len(times)]) / total, 1),
+        "tokens_per_s_with_warmup": round(sum(counter.counts[: seen[-1]]) / total, 1),
         "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3) if cuda else None,
         "final_loss": trainer.state.log_history[-1].get("train_loss"),
@@ -179,6 +185,8 @@ def main() -> int:
     sys.path.insert(0, str(HERE))
     from run_train_step import bench_checkpoint, run_context
 
+    if args.device == "cuda":  # one card: with several visible, transformers' Trainer wraps the model in
+        os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")  # DataParallel (TRL refuses it, other stacks slow down)
     work = Path(args.workdir)
     ckpt = bench_checkpoint(args.shape, work)
     card, run_id, vers = run_context(args.device)
@@ -196,7 +204,7 @@ def main() -> int:
         with open(args.results, "a") as f:
             f.write(json.dumps(row) + "\n")
         print(f"[packing] {args.shape} {mode}: " + json.dumps({k: row.get(k) for k in
-              ("tokens_per_s", "tokens_per_s_with_warmup", "steps", "real_tokens", "peak_reserved_gib", "error")}),
+              ("tokens_per_s", "tokens_per_s_with_warmup", "steps", "batches_per_step", "real_tokens", "peak_reserved_gib", "error")}),
               flush=True)
     return 0
 

@@ -308,9 +308,9 @@ def targets_section(rows: list[dict]) -> list[str]:
                    f"{_fmt(big['tokens_per_s'], 0)} tokens/s, {big['peak_reserved_gib']:.1f} GiB reserved per rank")
     dec = [r for r in _ok_rows(rows, "decode_4bit") if r.get("batch") == 1]
     cur = {r["peer"]: r for r in _latest_run_with(dec, {"velotune_graphs", "unsloth"})}
-    if cur:
-        v, u = cur["velotune_graphs"], cur["unsloth"]
-        out.append(f"- #7 decoding 8B at batch 1 (run {v['run_id']}): {v['tokens_per_s']:.1f} vs Unsloth "
+    if cur:  # velotune's default at batch 1: recorded steps, with bitsandbytes' GEMV where the run had that peer
+        v, u = cur.get("velotune_bnbgemv", cur["velotune_graphs"]), cur["unsloth"]
+        out.append(f"- #7 decoding 8B at batch 1 (run {v['run_id']}): {v['tokens_per_s']:.1f} ({v['peer']}) vs Unsloth "
                    f"{u['tokens_per_s']:.1f} tokens/s")
     return out + [""]
 
