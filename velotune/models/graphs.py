@@ -279,6 +279,12 @@ class GraphSet:
         self.used = [None] * n  # per layer: which parameters got a gradient at capture
         self.saved = [None] * n  # kept layers: (input, output) of the recorded forward, whose graph holds
         self.layer_bytes = self._warm_up(x_example)  # activations one kept layer holds (CUDA), else None
+        if not emulate:
+            # the warm-up ran on a stream of its own, and the caching allocator keeps what was freed there for
+            # that stream alone: given back now, before the planner reads the free memory and the capture
+            # takes its pool, instead of staying reserved for the rest of the run (one layer's temporaries
+            # per captured shape)
+            torch.cuda.empty_cache()
         mem_info = None if emulate else _free_memory()
         in_use = 0 if emulate else torch.cuda.memory_allocated()  # weights, adapters, ...: inside a budget
         input_bytes = max(x_example.numel(), min_numel) * x_example.element_size()  # an arena buffer's size
