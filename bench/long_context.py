@@ -90,7 +90,7 @@ def one_peer(args) -> list[dict]:
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        pinning = pool.register_s if pool is not None else 0.0
+        pinning = (pool.register_s, pool.wait_s) if pool is not None else (0.0, 0.0)
         try:
             dt = step(t)
         except torch.OutOfMemoryError as e:
@@ -101,8 +101,10 @@ def one_peer(args) -> list[dict]:
                      "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
                      "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
                      "host_peak_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 1),
-                     # velotune: seconds of the step spent page-locking new host buffers (once per length)
-                     "pinning_s": round(pool.register_s - pinning, 2) if pool is not None else None,
+                     # velotune: seconds spent page-locking new host buffers (once per length), and of those
+                     # the seconds the step waited for (the rest ran on the helper thread: offload.PIN_AHEAD)
+                     "pinning_s": round(pool.register_s - pinning[0], 2) if pool is not None else None,
+                     "pinning_waited_s": round(pool.wait_s - pinning[1], 2) if pool is not None else None,
                      "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")})
         print(f"[long] {args.peer} {t}: {rows[-1]}", flush=True)
     return rows

@@ -3,6 +3,8 @@ for offloaded checkpointing (models/offload.py PinnedPool)."""
 from __future__ import annotations
 
 import gc
+import threading
+import time
 
 import pytest
 import torch
@@ -151,3 +153,68 @@ def test_pinned_pool_keeps_the_host_reserve(notices, monkeypatch):
     pool.give(first[0])
     assert pool.take((3 * mib,), torch.uint8) is not None  # the free 2 MiB buffer goes back to the machine
     assert pin.unregistered == [2 * mib] and pool.held_bytes == 3 * mib
+
+
+class _SlowPin(_FakePin):
+    """Page-locking that takes a while and records the thread it ran on."""
+
+    def __init__(self, delay=0.05):
+        super().__init__()
+        self.delay, self.threads = delay, []
+
+    def register(self, t):
+        self.threads.append(threading.current_thread().name)
+        time.sleep(self.delay)
+        return super().register(t)
+
+
+def test_pinned_pool_locks_the_next_buffer_ahead(monkeypatch):
+    """A growing pool (the first step at a new length) page-locks the next layer's buffer on a helper thread
+    while the current layer runs: the next take finds it ready; once every layer has its buffer (the next
+    steps), nothing more is locked, ahead or not."""
+    monkeypatch.setattr(offload, "PIN_AHEAD", True)
+    pin = _SlowPin()
+    pool = offload.PinnedPool(pin.register, pin.unregister, _plenty)
+    shape = (3, 1000)
+    for step in range(2):
+        taken = []
+        for layer in range(3):  # as OffloadedCheckpoint.forward: take, then prefetch if a layer follows
+            taken.append(pool.take(shape, torch.float32))
+            if layer < 2:
+                pool.prefetch(shape, torch.float32)
+            time.sleep(0.15)  # the layer's own work
+        for buf, _ in taken:
+            pool.give(buf)
+        assert len(pin.registered) == 3 and pool.held_bytes == 3 * taken[0][0].numel(), step
+    main = threading.current_thread().name
+    assert pin.threads == [main, "velotune-pin-ahead", "velotune-pin-ahead"]  # only the first inline
+    assert pool.wait_s < 0.05 + 0.04  # the first lock's 0.05 s; the other two were ready when asked for
+
+
+def test_pinned_pool_waits_for_a_buffer_still_being_locked(monkeypatch):
+    monkeypatch.setattr(offload, "PIN_AHEAD", True)
+    pin = _SlowPin(delay=0.2)
+    pool = offload.PinnedPool(pin.register, pin.unregister, _plenty)
+    first = pool.take((64,), torch.float32)
+    pool.prefetch((64,), torch.float32)
+    pool.prefetch((64,), torch.float32)  # one ahead at a time
+    second = pool.take((64,), torch.float32)  # asked at once: waits for the helper instead of locking another
+    assert len(pin.registered) == 2 and first[0].data_ptr() != second[0].data_ptr()
+    assert pin.threads[1] == "velotune-pin-ahead" and pool.ahead is None
+
+
+def test_pinned_pool_ahead_respects_the_host_reserve_and_the_switch(notices, monkeypatch):
+    from velotune import _notices
+
+    monkeypatch.setattr(_notices, "_said", set())
+    gib = 2**30
+    pin = _FakePin()
+    pool = offload.PinnedPool(pin.register, pin.unregister, lambda: (5 * gib + 2**20, 100 * gib))
+    monkeypatch.setattr(offload, "PIN_AHEAD", True)
+    pool.prefetch((2 * 2**20,), torch.uint8)  # would leave less than the 5 GiB reserve: nothing, silently
+    pool._join_ahead()
+    assert pin.registered == [] and not pool.free and not any("host memory is short" in m for m in notices)
+    monkeypatch.setattr(offload, "PIN_AHEAD", False)
+    roomy = offload.PinnedPool(pin.register, pin.unregister, _plenty)
+    roomy.prefetch((64,), torch.float32)
+    assert roomy.ahead is None and pin.registered == []

@@ -356,10 +356,12 @@ def _backbone(self, spec, input_ids, attention_mask, position_ids):
     if sharded:
         say_once("fsdp-layers", "FSDP2-sharded decoder layers: the fast forward runs each inside the layer's own "
                  "call (FSDP gathers its parameters); CUDA graphs and offloaded checkpointing are off")
-    for layer, attn_plan, in_fsdp in zip(layers, attn_plans, fsdp):
+    offloaded = [offload and _graph_fusable(layer, plan) for layer in layers]
+    for i, (layer, attn_plan, in_fsdp) in enumerate(zip(layers, attn_plans, fsdp)):
         step = _sharded_layer if in_fsdp else _layer
-        if offload and _graph_fusable(layer, plan):
-            x = offload_mod.offloaded_layer(lambda m, h, ap=attn_plan: _layer(m, h, plan, ap), layer, x)
+        if offloaded[i]:
+            x = offload_mod.offloaded_layer(lambda m, h, ap=attn_plan: _layer(m, h, plan, ap), layer, x,
+                                            ahead=any(offloaded[i + 1:]))
         elif gc:
             x = checkpoint(step, layer, x, plan, attn_plan, use_reentrant=False)
         else:
