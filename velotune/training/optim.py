@@ -12,8 +12,19 @@ same bitsandbytes update of each parameter (same kernels, same arguments, same o
 bitwise the same) without the per-parameter synchronisation. velotune's SFTTrainer applies it to the
 optimizer that ``TrainingArguments(optim=...)`` builds; anything else (paged bitsandbytes optimizers,
 torch optimizers) is left as it is.
+
+The same step also calls the C function of the 8-bit blockwise update directly (DIRECT_ON_CUDA). On its
+way there bitsandbytes passes each parameter through ~6 Python layers (``update_step``, ``get_config``,
+``functional.optimizer_update_8bit_blockwise``, ``is_on_gpu``, the ``torch.ops`` dispatcher, the CUDA
+backend's impl converting 20 arguments to ctypes): ~50-100 us of host time per parameter, 10-20 ms a step
+for the 224-448 LoRA tensors of a 1B-8B model against ~3 ms of kernels. The direct call passes the same
+function the same arguments (pointers converted once per parameter) and runs only where bitsandbytes'
+own path would have taken exactly that call: a two-state optimizer (Adam / AdamW / AdEMAMix...), 8-bit state,
+CUDA tensors, contiguous, no per-parameter config override; everything else goes through ``update_step``.
 """
 from __future__ import annotations
+
+import ctypes
 
 import torch
 
@@ -21,6 +32,30 @@ import torch
 # bitsandbytes' own step (said once) rather than a half-working copy.
 _NEEDED = ("check_overrides", "to_gpu", "init_state", "prefetch_state", "update_step")
 _classes: dict = {}
+
+
+# Whether the step calls bitsandbytes' 8-bit blockwise update function directly on CUDA (see the module
+# docstring); False: every parameter through bitsandbytes' update_step. Written without a GPU (2026-11-28,
+# 7th session; CPU test: the same function and arguments as bitsandbytes' path): off until
+# tests/test_optim.py::test_direct_update_on_cuda_is_bitwise_bitsandbytes has passed on a GPU.
+DIRECT_ON_CUDA = False
+_DIRECT_DEVICES = ("cuda",)  # tests add "cpu" (with a fake function: bitsandbytes' C update is CUDA-only)
+
+
+def _update_fn(name: str, grad_dtype: torch.dtype):
+    """bitsandbytes' C function of the 8-bit blockwise update ``name`` for gradients of ``grad_dtype``
+    (what its CUDA backend's impl calls), or None where this bitsandbytes has no such table."""
+    try:
+        from bitsandbytes.backends.cuda.ops import str2optimizer8bit_blockwise
+    except (ImportError, AttributeError):  # pragma: no cover - a bitsandbytes without the CUDA backend
+        return None
+    fns = str2optimizer8bit_blockwise.get(name)
+    order = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+    return None if fns is None or grad_dtype not in order else fns[order[grad_dtype]]
+
+
+def _ptr(t):
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
 
 
 class _StepWithoutHostSyncs:
@@ -43,8 +78,47 @@ class _StepWithoutHostSyncs:
                 if len(self.state[p]) == 0:
                     self.init_state(group, p, gindex, pindex)
                 self.prefetch_state(p)  # a no-op for non-paged state, kept for the same call sequence
-                self.update_step(group, p, gindex, pindex)
+                if not self._direct_update(group, p, gindex, pindex):
+                    self.update_step(group, p, gindex, pindex)
         return loss
+
+    def _direct_update(self, group, p, gindex, pindex) -> bool:
+        """Optimizer2State.update_step's 8-bit blockwise call, made straight to its C function (the module
+        docstring); False (nothing done) where that call is not exactly what bitsandbytes would make."""
+        from bitsandbytes.optim.optimizer import Optimizer2State
+
+        state, grad = self.state[p], p.grad
+        s1 = state.get("state1")
+        if not (DIRECT_ON_CUDA and type(self).update_step is Optimizer2State.update_step  # not AdEMAMix's own
+                and s1 is not None and s1.dtype == torch.uint8 and grad.numel() == p.numel()
+                and p.device.type in _DIRECT_DEVICES and p.is_contiguous() and grad.is_contiguous()
+                and grad.device == p.device and (gindex, pindex) not in self.mng.index2config
+                and id(p) not in self.mng.pid2config):
+            return False
+        cache = self.__dict__.setdefault("_velotune_direct", {})
+        key = (p.data_ptr(), grad.dtype, s1.data_ptr(), state["state2"].data_ptr(), state["absmax1"].data_ptr(),
+               state["absmax2"].data_ptr(), state["qmap1"].data_ptr(), state["qmap2"].data_ptr(), p.numel())
+        hit = cache.get(id(p))
+        if hit is None or hit[0] != key:
+            fn = _update_fn(self.optimizer_name, grad.dtype)
+            if fn is None:
+                return False
+            hit = cache[id(p)] = (key, fn, _ptr(p), _ptr(s1), _ptr(state["state2"]), _ptr(state["qmap1"]),
+                                  _ptr(state["qmap2"]), _ptr(state["absmax1"]), _ptr(state["absmax2"]),
+                                  ctypes.c_int32(grad.numel()), p.device if torch.cuda.device_count() > 1 else None)
+        _, fn, pp, s1p, s2p, q1, q2, a1, a2, n, device = hit
+        state["step"] += 1
+        betas = group["betas"]
+        args = (pp, ctypes.c_void_p(grad.data_ptr()), s1p, s2p, ctypes.c_float(betas[0]), ctypes.c_float(betas[1]),
+                ctypes.c_float(betas[2] if len(betas) >= 3 else 0.0), ctypes.c_float(group.get("alpha", 0.0)),
+                ctypes.c_float(group["eps"]), ctypes.c_int32(state["step"]), ctypes.c_float(group["lr"]), q1, q2, a1,
+                a2, ctypes.c_float(group["weight_decay"]), ctypes.c_float(1.0), ctypes.c_bool(self.args.skip_zeros), n)
+        if device is None:
+            fn(*args)
+        else:  # as bitsandbytes does on machines with several GPUs: the kernel runs on the tensors' device
+            with torch.cuda.device(device):
+                fn(*args)
+        return True
 
 
 def without_host_syncs(optimizer):
