@@ -4,7 +4,7 @@
 # still returns the first answers.
 # The device's copy of the tree carries a stale .git: pass the commit, VELOTUNE_COMMIT=$(git rev-parse --short HEAD)
 # (+dirty for uncommitted changes), in the command, or the rows record the wrong one.
-#   OUT=/tmp/out bash bench/gpu_session.sh [tests|new|train1b|train8b|packing|workflow|decode|all|long|probe|ddp|fsdp70b|gguf]...
+#   OUT=/tmp/out bash bench/gpu_session.sh [tests|new|train1b|train8b|memory|packing|workflow|decode|all|long|probe|ddp|fsdp70b|gguf]...
 # (several stages run in the order given)
 set -u
 OUT=${OUT:-/tmp/velotune-gpu}
@@ -28,6 +28,14 @@ fi
 if [[ $what == train8b || $what == all ]]; then
   timeout 560 python bench/run_train_step.py --shapes 8b --peers velotune velotune_direct velotune_auto velotune_auto_equal unsloth hf \
     --results "$OUT/train_step.jsonl" --workdir /tmp/vb --timeout 200 2>&1 | grep "\[bench\]\|graphs" | tee "$OUT/train8b.txt"
+fi
+if [[ $what == memory ]]; then  # where the seed step's GPU memory goes (1B and 8B, velotune and Unsloth): segments, callers
+  python -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; from run_train_step import make_checkpoint
+for s in ('1b', '8b'): make_checkpoint(s, Path('/tmp/vb/llama-' + s))"
+  for shape in 1b 8b; do for peer in velotune unsloth; do
+    timeout 150 python bench/train_step.py --peer $peer --ckpt /tmp/vb/llama-$shape --warmup 3 --steps 3 --json /tmp/vb/mem.json \
+      --memory-trace "$OUT/memory-$shape-$peer.txt" > /dev/null 2>&1; head -3 "$OUT/memory-$shape-$peer.txt"
+  done; done
 fi
 if [[ $what == packing || $what == all ]]; then
   timeout 420 python bench/packing.py --shape 1b --results "$OUT/packing.jsonl" --workdir /tmp/vb 2>&1 | grep "\[packing\]" | tee "$OUT/packing.txt"
