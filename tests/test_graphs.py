@@ -313,6 +313,23 @@ def test_set_memory_budget(tiny_dir):
         set_memory_budget(model, -1)
 
 
+def test_get_peft_model_takes_the_memory_budget(tiny_dir):
+    """Issue #4's spelling: get_peft_model(use_gradient_checkpointing="auto", memory_budget=...) sets what
+    set_memory_budget sets; a budget without "auto", or one that is no amount, is refused naming the fix."""
+    from velotune import VelotuneError
+
+    model = _model(tiny_dir, gc="auto", memory_budget=24)
+    assert graphs.state_of(model.get_base_model()).memory_budget == 24 * 2**30
+    model = _model(tiny_dir, gc="auto", memory_budget=0.75)
+    assert graphs.state_of(model.get_base_model()).memory_budget == 0.75
+    assert graphs.state_of(_model(tiny_dir, gc="auto").get_base_model()).memory_budget is None
+    with pytest.raises(VelotuneError, match="pass use_gradient_checkpointing='auto'"):
+        _model(tiny_dir, gc="unsloth", memory_budget=24)
+    for bad in (-2, True, "40G"):
+        with pytest.raises(VelotuneError, match="give GiB"):
+            _model(tiny_dir, gc="auto", memory_budget=bad)
+
+
 def test_frozen_weights_moved_are_recorded_again(tiny_dir, emulate):
     """A graph reads frozen weights by address too: storage that moved (e.g. .to(device) and back)
     must not be replayed from the old address."""

@@ -137,7 +137,7 @@ def gradient_checkpointing_mode(value) -> bool:
 def get_peft_model(model, r=16, target_modules=None, lora_alpha=16, lora_dropout=0.0, bias="none",
                    layers_to_transform=None, layers_pattern=None, use_gradient_checkpointing="unsloth",
                    random_state=3407, use_rslora=False, modules_to_save=None, init_lora_weights=True,
-                   loftq_config=None, use_dora=False, **kwargs):
+                   loftq_config=None, use_dora=False, memory_budget=None, **kwargs):
     """Wrap a velotune-loaded model with LoRA adapters (see ``FastLanguageModel.get_peft_model``)."""
     from peft import LoraConfig, PeftModel
     from peft import get_peft_model as peft_get_peft_model
@@ -147,7 +147,12 @@ def get_peft_model(model, r=16, target_modules=None, lora_alpha=16, lora_dropout
         raise TypeError(
             f"get_peft_model() got unexpected argument(s) {unknown}; velotune accepts r, target_modules, lora_alpha, "
             "lora_dropout, bias, layers_to_transform, layers_pattern, use_gradient_checkpointing, random_state, "
-            "use_rslora, modules_to_save, init_lora_weights, loftq_config, use_dora"
+            "use_rslora, modules_to_save, init_lora_weights, loftq_config, use_dora, memory_budget"
+        )
+    if memory_budget is not None and use_gradient_checkpointing != "auto":
+        raise VelotuneError(
+            f"memory_budget={memory_budget!r} is the budget of use_gradient_checkpointing='auto' (now "
+            f"{use_gradient_checkpointing!r}): pass use_gradient_checkpointing='auto' with it, or leave it out"
         )
     if isinstance(model, PeftModel):
         raise VelotuneError(
@@ -166,6 +171,10 @@ def get_peft_model(model, r=16, target_modules=None, lora_alpha=16, lora_dropout
         raise VelotuneError("loftq_config is not supported by velotune yet; leave it None")
     targets = check_peft_args(model, r, target_modules, lora_alpha, lora_dropout, bias, use_gradient_checkpointing,
                               layers_to_transform, modules_to_save, use_rslora)
+    if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float))
+                                      or memory_budget <= 0):
+        raise VelotuneError(f"memory_budget={memory_budget!r}: give GiB (a number > 1, e.g. 40) or a fraction of the "
+                            "card (<= 1, e.g. 0.8), or None for most of the free memory")
     if lora_dropout > 0 or bias != "none":
         say_once("lora-slow", f"lora_dropout={lora_dropout}, bias={bias!r}: the plain PEFT path is used for these "
                  "layers (velotune's fused LoRA needs dropout 0 and bias 'none')")
@@ -183,6 +192,10 @@ def get_peft_model(model, r=16, target_modules=None, lora_alpha=16, lora_dropout
     set_gradient_checkpointing(peft_model, gc)
     st.gradient_checkpointing = use_gradient_checkpointing
     st.extra["gc"] = gc
+    if memory_budget is not None:
+        from .models.graphs import set_memory_budget
+
+        set_memory_budget(peft_model, memory_budget)
     return peft_model
 
 

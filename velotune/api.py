@@ -209,15 +209,20 @@ class FastLanguageModel:
                        bias: str = "none", layers_to_transform=None, layers_pattern=None,
                        use_gradient_checkpointing="unsloth", random_state: int = 3407, use_rslora: bool = False,
                        modules_to_save=None, init_lora_weights=True, loftq_config=None, use_dora: bool = False,
-                       **kwargs):
+                       memory_budget=None, **kwargs):
         """Add LoRA adapters; returns a ``peft.PeftModel`` (``print_trainable_parameters()`` works).
 
         Args:
             r: LoRA rank (> 0). lora_alpha: scale numerator (scaling = alpha / r, or alpha / sqrt(r)
                 with ``use_rslora``). lora_dropout: in [0, 1). bias: "none" | "all" | "lora_only".
             target_modules: linear layer names (default the 7 attention + MLP projections) or "all-linear".
-            use_gradient_checkpointing: True (recompute), False, "unsloth" / "offload" / "auto"
-                (accepted; run as recompute until offloaded checkpointing lands, said once).
+            use_gradient_checkpointing: True (recompute), False (keep every activation), "unsloth" /
+                "offload" (each layer's input waits in pinned host memory until its backward; on the
+                CPU plain recompute), "auto" (the memory planner: as many layers keep their activations
+                as ``memory_budget`` allows, the rest as "unsloth"; it prints its plan at capture).
+            memory_budget: with "auto", the GPU memory the training step may use in all, weights
+                included: GiB (> 1) or a fraction of the card (<= 1); None: most of the free memory.
+                The same as ``velotune.set_memory_budget(model, memory_budget)``.
             random_state: seed for the adapter init. layers_to_transform / layers_pattern: restrict
                 LoRA to some layers. modules_to_save: extra modules trained fully (e.g. ["lm_head"]).
         """
@@ -226,7 +231,7 @@ class FastLanguageModel:
             layers_to_transform=layers_to_transform, layers_pattern=layers_pattern,
             use_gradient_checkpointing=use_gradient_checkpointing, random_state=random_state, use_rslora=use_rslora,
             modules_to_save=modules_to_save, init_lora_weights=init_lora_weights, loftq_config=loftq_config,
-            use_dora=use_dora, **kwargs,
+            use_dora=use_dora, memory_budget=memory_budget, **kwargs,
         )
         _attach_methods(peft_model)
         return peft_model
