@@ -161,7 +161,7 @@ class PinnedPool:
         released first; None where that would leave the host less than its reserve (said once if ``say``)."""
         size = -(-max(need, 1) // _PAGE) * _PAGE
         with self.lock:
-            spare = sum(b.numel() for b, _ in self.free)  # released below: they count as available
+            spare = sum(b.numel() for b, _ in self.free if b.numel() < need)  # released below: available
         available, total = self.meminfo()
         reserve = max(HOST_RESERVE_GIB * 2**30, 0.05 * total)
         if available >= 0 and available + spare - size < reserve:
