@@ -115,6 +115,15 @@ def test_direct_8bit_update_passes_bitsandbytes_its_own_arguments(monkeypatch):
         ref, ours = runs[False], runs[True]
         assert len(ref["F8"]) == (1 if step == 1 else 2) and ref["direct"] == [] and len(ref["F32"]) == 2
         assert ours["direct"] == ref["F8"] and ours["F8"] == [] and ours["F32"] == ref["F32"]
+    # an optimizer with an update of its own (AdEMAMix: a third state, its own arguments) keeps bitsandbytes' path
+    monkeypatch.setattr(optim, "DIRECT_ON_CUDA", True)
+    other = without_host_syncs(bnb.optim.AdEMAMix8bit(_params(2)[2:], lr=1e-3))
+    for p in other.param_groups[0]["params"]:
+        p.grad = torch.randn(p.shape, generator=g)
+    for k in calls:
+        calls[k].clear()
+    other.step()
+    assert calls["direct"] == [] and len(calls["F8"]) == 2
 
 
 @pytest.mark.gpu

@@ -85,13 +85,10 @@ class _StepWithoutHostSyncs:
     def _direct_update(self, group, p, gindex, pindex) -> bool:
         """Optimizer2State.update_step's 8-bit blockwise call, made straight to its C function (the module
         docstring); False (nothing done) where that call is not exactly what bitsandbytes would make."""
-        from bitsandbytes.optim.optimizer import Optimizer2State
-
         state, grad = self.state[p], p.grad
         s1 = state.get("state1")
-        if not (DIRECT_ON_CUDA and type(self).update_step is Optimizer2State.update_step  # not AdEMAMix's own
-                and s1 is not None and s1.dtype == torch.uint8 and grad.numel() == p.numel()
-                and p.device.type in _DIRECT_DEVICES and p.is_contiguous() and grad.is_contiguous()
+        if not (DIRECT_ON_CUDA and self._velotune_two_state and s1 is not None and s1.dtype == torch.uint8
+                and grad.numel() == p.numel() and p.device.type in _DIRECT_DEVICES and p.is_contiguous() and grad.is_contiguous()
                 and grad.device == p.device and (gindex, pindex) not in self.mng.index2config
                 and id(p) not in self.mng.pid2config):
             return False
@@ -145,8 +142,12 @@ def without_host_syncs(optimizer):
                                 "its optimizer step runs as bitsandbytes ships it (a host sync per parameter)")
         return optimizer
     if cls not in _classes:
-        _classes[cls] = type(cls.__name__, (_StepWithoutHostSyncs, cls), {"__module__": __name__,
-                                                                            "__doc__": cls.__doc__})
+        from bitsandbytes.optim.optimizer import Optimizer2State
+
+        # whether its update is Optimizer2State's own (Adam, AdamW, ...; not AdEMAMix's): the direct call's case
+        two_state = getattr(cls, "update_step", None) is Optimizer2State.update_step
+        _classes[cls] = type(cls.__name__, (_StepWithoutHostSyncs, cls), {"__module__": __name__, "__doc__": cls.__doc__,
+                                                                            "_velotune_two_state": two_state})
     optimizer.__class__ = _classes[cls]
     return optimizer
 
