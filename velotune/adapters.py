@@ -171,10 +171,9 @@ def get_peft_model(model, r=16, target_modules=None, lora_alpha=16, lora_dropout
         raise VelotuneError("loftq_config is not supported by velotune yet; leave it None")
     targets = check_peft_args(model, r, target_modules, lora_alpha, lora_dropout, bias, use_gradient_checkpointing,
                               layers_to_transform, modules_to_save, use_rslora)
-    if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float))
-                                      or memory_budget <= 0):
-        raise VelotuneError(f"memory_budget={memory_budget!r}: give GiB (a number > 1, e.g. 40) or a fraction of the "
-                            "card (<= 1, e.g. 0.8), or None for most of the free memory")
+    from .models import graphs
+
+    graphs.check_memory_budget(memory_budget)
     if lora_dropout > 0 or bias != "none":
         say_once("lora-slow", f"lora_dropout={lora_dropout}, bias={bias!r}: the plain PEFT path is used for these "
                  "layers (velotune's fused LoRA needs dropout 0 and bias 'none')")
@@ -193,9 +192,7 @@ def get_peft_model(model, r=16, target_modules=None, lora_alpha=16, lora_dropout
     st.gradient_checkpointing = use_gradient_checkpointing
     st.extra["gc"] = gc
     if memory_budget is not None:
-        from .models.graphs import set_memory_budget
-
-        set_memory_budget(peft_model, memory_budget)
+        graphs.set_memory_budget(peft_model, memory_budget)
     return peft_model
 
 

@@ -55,7 +55,7 @@ from typing import Optional
 
 import torch
 
-from .._notices import say, say_once
+from .._notices import VelotuneError, say, say_once
 from .pointers import Slots
 
 # "auto": record the first _MAX_CAPTURES batch shapes; True: record every new shape; False: never.
@@ -597,13 +597,20 @@ def state_of(model) -> _State:
     return st
 
 
+def check_memory_budget(budget) -> None:
+    """Raise a VelotuneError naming the fix unless ``budget`` is one set_memory_budget takes: None, GiB (a
+    number > 1) or a fraction of the card (<= 1)."""
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0):
+        raise VelotuneError(f"memory budget {budget!r}: give GiB (a number > 1, e.g. 40) or a fraction of the card "
+                            "(<= 1, e.g. 0.8), or None for most of the free memory")
+
+
 def set_memory_budget(model, budget) -> None:
     """The GPU memory a ``use_gradient_checkpointing="auto"`` training step may use in all, weights and
     adapters included: GiB (a number > 1) or a fraction of the card (<= 1); the planner keeps as many
     layers' activations as fit beside what is already allocated. None: keep what fits in the free memory
     minus 10% of the card (at least 2 GiB). Applies to the next capture (graphs are recorded again)."""
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0):
-        raise ValueError(f"set_memory_budget({budget!r}): give GiB (a number > 1) or a fraction of the card (<= 1)")
+    check_memory_budget(budget)
     if budget is not None:
         budget = int(budget * 2**30) if budget > 1 else float(budget)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
