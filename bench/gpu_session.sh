@@ -42,7 +42,7 @@ if [[ $what == packing || $what == all ]]; then
 fi
 if [[ $what == workflow ]]; then  # the seed's SFTTrainer workflow on each stack (loss logged every step), padded and packed
   timeout 560 python bench/packing.py --shape ${SHAPE:-1b} --examples ${EXAMPLES:-512} --logging-steps 1 \
-    --modes padded unsloth_padded hf_padded packed unsloth_packed --timeout 200 --results "$OUT/packing.jsonl" \
+    --modes padded padfree unsloth_padded hf_padded packed unsloth_packed --timeout 150 --results "$OUT/packing.jsonl" \
     --workdir /tmp/vb 2>&1 | grep "\[packing\]" | tee "$OUT/workflow.txt"
 fi
 if [[ $what == long ]]; then  # not in "all": a 400K-token step is minutes; one call per length set

@@ -7,7 +7,10 @@ lengths are drawn uniformly from ``--min-len``..``--max-len`` (seeded). Two mode
 * ``padded``: ``per_device_train_batch_size=2``, ``max_length=--max-len``: rows padded to the batch's
   longest (and then to velotune's bucket lengths, for CUDA graphs);
 * ``packed``: ``packing=True`` (TRL's best-fit-decreasing packing, padding-free rows with positions
-  restarting per example), the same ``per_device_train_batch_size=2`` and ``max_length``.
+  restarting per example), the same ``per_device_train_batch_size=2`` and ``max_length``;
+* ``padfree``: ``padding_free=True`` without packing: each batch's 2 examples in one row, no pad tokens
+  (what Unsloth 2026.10 picks by itself on H100 / H200 when ``padding_free`` is left unset, so its
+  ``unsloth_padded`` mode runs padding-free there: unsloth/utils/padding_choice.py).
 
 The peers run the same SFTTrainer workflow the seed describes, each with its own stack, in modes of their
 own: ``unsloth_padded`` / ``unsloth_packed`` (Unsloth's FastLanguageModel + TRL's SFTTrainer, its "unsloth"
@@ -35,7 +38,7 @@ from _child import run_child, write_result
 from _peers import fast_model, hf_model
 
 HERE = Path(__file__).resolve().parent
-MODES = ("padded", "packed", "unsloth_padded", "unsloth_packed", "hf_padded", "hf_packed")
+MODES = ("padded", "packed", "padfree", "unsloth_padded", "unsloth_packed", "hf_padded", "hf_packed")
 
 
 def lengths(n: int, lo: int, hi: int, seed: int) -> list[int]:
@@ -108,7 +111,7 @@ def _peer_model(peer: str, ckpt: str, max_len: int, cuda: bool):
 
 def one_mode(args) -> dict:
     cuda = args.device == "cuda"
-    peer, packed = ("velotune", args.mode == "packed") if args.mode in ("padded", "packed") else \
+    peer, packed = ("velotune", args.mode == "packed") if args.mode in ("padded", "packed", "padfree") else \
         (args.mode.split("_")[0], args.mode.endswith("packed"))
     if peer != "velotune" and not cuda:
         raise RuntimeError(f"the {peer} peer runs on CUDA only (TRL's SFTTrainer computes its loss with a fused "
@@ -132,7 +135,10 @@ def one_mode(args) -> dict:
                       num_train_epochs=1, learning_rate=2e-4, lr_scheduler_type="linear",
                       optim="adamw_8bit" if cuda else "adamw_torch", bf16=cuda, logging_steps=args.logging_steps,
                       save_strategy="no", report_to="none", seed=3407, use_cpu=not cuda, dataloader_num_workers=0,
-                      max_length=args.max_len, packing=packed, disable_tqdm=True)
+                      packing=packed, disable_tqdm=True,
+                      # TRL: padding-free rows without packing take no max_length (the examples are <= --max-len)
+                      **({"padding_free": True, "max_length": None} if args.mode == "padfree" else
+                         {"max_length": args.max_len}))
     trainer = trainer_cls(model=model, processing_class=tok, train_dataset=ds, args=targs, callbacks=[_Clock()])
     outer = trainer.data_collator
     if type(outer).__name__ == "BucketPadding":  # velotune's: count inside it, before its bucket padding
