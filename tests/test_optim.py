@@ -141,7 +141,8 @@ def test_direct_update_on_cuda_is_bitwise_bitsandbytes(monkeypatch):
         ref = bnb.optim.AdamW8bit(ref_ps, lr=1e-2, weight_decay=0.01)
         ours = without_host_syncs(bnb.optim.AdamW8bit(our_ps, lr=1e-2, weight_decay=0.01))
         real, slow = bnb_optimizer.F.optimizer_update_8bit_blockwise, []
-        monkeypatch.setattr(bnb_optimizer.F, "optimizer_update_8bit_blockwise", lambda *a, **k: slow.append(1) or real(*a, **k))
+        monkeypatch.setattr(bnb_optimizer.F, "optimizer_update_8bit_blockwise",
+                            lambda *a, **k: slow.append(1) or real(*a, **k))
         g = torch.Generator(device="cuda").manual_seed(1)
         for step in range(4):
             for a, b in zip(ref_ps, our_ps):

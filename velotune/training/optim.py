@@ -88,8 +88,8 @@ class _StepWithoutHostSyncs:
         state, grad = self.state[p], p.grad
         s1 = state.get("state1")
         if not (DIRECT_ON_CUDA and self._velotune_two_state and s1 is not None and s1.dtype == torch.uint8
-                and grad.numel() == p.numel() and p.device.type in _DIRECT_DEVICES and p.is_contiguous() and grad.is_contiguous()
-                and grad.device == p.device and (gindex, pindex) not in self.mng.index2config
+                and grad.numel() == p.numel() and p.device.type in _DIRECT_DEVICES and grad.device == p.device
+                and p.is_contiguous() and grad.is_contiguous() and (gindex, pindex) not in self.mng.index2config
                 and id(p) not in self.mng.pid2config):
             return False
         cache = self.__dict__.setdefault("_velotune_direct", {})
@@ -146,8 +146,8 @@ def without_host_syncs(optimizer):
 
         # whether its update is Optimizer2State's own (Adam, AdamW, ...; not AdEMAMix's): the direct call's case
         two_state = getattr(cls, "update_step", None) is Optimizer2State.update_step
-        _classes[cls] = type(cls.__name__, (_StepWithoutHostSyncs, cls), {"__module__": __name__, "__doc__": cls.__doc__,
-                                                                            "_velotune_two_state": two_state})
+        _classes[cls] = type(cls.__name__, (_StepWithoutHostSyncs, cls),
+                             {"__module__": __name__, "__doc__": cls.__doc__, "_velotune_two_state": two_state})
     optimizer.__class__ = _classes[cls]
     return optimizer
 
