@@ -13,9 +13,9 @@ with True, ``velotune_auto`` with "auto" (the planner; budget: the free memory),
 ``velotune_auto_16g_offload`` the same with the other layers' inputs in host memory
 (graphs.AUTO_OFFLOAD_ON_CUDA), ``velotune_auto_equal`` with Unsloth's measured peak as the budget (and the
 rest offloaded). velotune's optimizer is
-bitsandbytes' AdamW8bit through ``without_host_syncs``, as velotune's SFTTrainer builds it;
-``velotune_direct`` / ``velotune_auto_direct``: those of ``velotune`` / ``velotune_auto`` with its 8-bit updates
-called directly (velotune.training.optim.DIRECT_ON_CUDA, the same kernels without bitsandbytes' Python layers).
+bitsandbytes' AdamW8bit through ``without_host_syncs``, as velotune's SFTTrainer builds it (its 8-bit updates
+called directly, velotune.training.optim.DIRECT_ON_CUDA; rows of the peers ``velotune_direct`` /
+``velotune_auto_direct`` in the results are from before that was the default, when it was measured apart).
 Run each peer in its own process (Unsloth patches transformers at import): bench/run_train_step.py.
 
     python bench/train_step.py --peer hf --ckpt /tmp/llama-1b --json out.json
@@ -34,12 +34,12 @@ from _child import write_result
 from _peers import fast_model, hf_model
 
 PEERS = ["velotune", "velotune_eager", "velotune_auto", "velotune_auto_resident", "velotune_auto_16g",
-         "velotune_auto_16g_offload", "velotune_auto_equal", "velotune_recompute", "velotune_direct",
-         "velotune_auto_direct", "hf", "unsloth", "liger"]
+         "velotune_auto_16g_offload", "velotune_auto_equal", "velotune_recompute",
+         "hf", "unsloth", "liger"]
 # use_gradient_checkpointing per peer: the seed's (and Unsloth's) "unsloth" = offloaded checkpointing
 GC = {"velotune": "unsloth", "velotune_eager": "unsloth", "velotune_auto": "auto", "velotune_auto_resident": "auto",
       "velotune_auto_16g": "auto", "velotune_auto_16g_offload": "auto", "velotune_auto_equal": "auto",
-      "velotune_recompute": True, "velotune_direct": "unsloth", "velotune_auto_direct": "auto",
+      "velotune_recompute": True,
       "unsloth": "unsloth", "hf": True, "liger": True}
 
 
@@ -54,10 +54,6 @@ def load_peer(peer: str, ckpt: str, seq: int):
     if peer.startswith("velotune"):
         from velotune import set_cuda_graphs
         from velotune.models import graphs, offload
-
-        from velotune.training import optim
-
-        optim.DIRECT_ON_CUDA = peer.endswith("_direct")  # each peer says which optimizer call it measures
         if peer == "velotune_auto_resident":  # "auto" holding the 4-bit weights dequantised (the default since
             graphs.RESIDENT_ON_CUDA = True  # 2026-11-28; this peer says so whatever the default)
         if not (graphs.KEEP_ON_CUDA and offload.ENABLED_ON_CUDA):

@@ -78,9 +78,9 @@ def test_switched_off_gpu_paths_are_listed(monkeypatch):
     from velotune.training import optim
 
     assert env._pending_line(cuda=False) == "GPU paths: n/a (no CUDA GPU)"
-    # the defaults: the few-row 4-bit matmul (slower) and the direct 8-bit optimizer call (not GPU-tested) are off
+    # the defaults: the few-row 4-bit matmul (slower) is off, the rest on
     line = env._pending_line(cuda=True)
-    assert "few-row 4-bit matmul" in line and "optimizer updates called directly" in line
+    assert "few-row 4-bit matmul" in line and "optimizer updates called directly" not in line
     assert "parameter views" not in line and "held dequantised" not in line
     assert "4-bit GEMV" not in line and "does not keep" not in line
     for mod, attr in ((offload, "ENABLED_ON_CUDA"), (graphs, "KEEP_ON_CUDA"), (graphs, "STATIC_INPUTS_ON_CUDA"),
