@@ -186,7 +186,9 @@ def test_capture_leaves_no_warm_up_memory_cached(tmp_path):
     stray = [(names.get(seg["stream"], seg["stream"]), seg["total_size"],
               [(b["size"], b["state"]) for b in seg["blocks"]]) for seg in torch.cuda.memory_snapshot()
              if tuple(seg.get("segment_pool_id", (0, 0))) == (0, 0) and seg["stream"] != main]
-    assert not stray, f"default-pool segments of other streams (stream, bytes, blocks): {stray}"
+    # a 2 MiB segment of the capture's stream may hold a few 512-byte blocks (H200, torch 2.11): whatever
+    # the capture itself asks for; the warm-up's layer temporaries and cuBLAS workspaces (2 x 32 MiB) may not
+    assert sum(size for _, size, _ in stray) <= 2 * 2**20, f"default-pool segments of other streams (stream, bytes, blocks): {stray}"
 
 
 def test_cuda_graphs_auto_keeps_some_and_offloads_the_rest(tmp_path, monkeypatch):

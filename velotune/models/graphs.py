@@ -283,7 +283,9 @@ class GraphSet:
             # the warm-up ran on a stream of its own, and the caching allocator keeps what was freed there for
             # that stream alone: given back now, before the planner reads the free memory and the capture
             # takes its pool, instead of staying reserved for the rest of the run (one layer's temporaries
-            # per captured shape)
+            # per captured shape). cuBLAS also keeps a workspace per stream (32 MiB each on Hopper, two with
+            # cuBLASLt's) that no free gives back: dropped too (the main stream's comes back at its next matmul)
+            _clear_cublas_workspaces()
             torch.cuda.empty_cache()
         mem_info = None if emulate else _free_memory()
         in_use = 0 if emulate else torch.cuda.memory_allocated()  # weights, adapters, ...: inside a budget
@@ -471,6 +473,15 @@ class GraphSet:
                     x = out.detach()
         torch.cuda.current_stream().wait_stream(side)
         return layer_bytes
+
+
+def _clear_cublas_workspaces() -> None:
+    """Free the workspaces cuBLAS holds per (handle, stream) through torch's allocator (torch's own private
+    call, as its CUDA-graph trees use it; absent from CPU builds and possibly renamed: then nothing is freed,
+    which only costs the memory)."""
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None:
+        clear()
 
 
 def _slots(layer) -> list:
