@@ -77,7 +77,8 @@ def _train_step_table(shape: str, cur: list[dict]) -> list[str]:
            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in cur:
         if "error" in r:
-            out.append(f"| {r['peer']} | | failed: {r['error'][:120]} | | | | | | | |")
+            why = f"{r['error'][:120]}" + (f" ({r['note']})" if r.get("note") else "")
+            out.append(f"| {r['peer']} | | failed: {why} | | | | | | | |")
             continue
         first = r["losses"][0] if r.get("losses") else None
         ratio = f"{r['tokens_per_s'] / uns:.2f}" if uns else "—"
@@ -87,7 +88,7 @@ def _train_step_table(shape: str, cur: list[dict]) -> list[str]:
                    f"{_fmt(r['peak_alloc_gib'], 2)} | {_fmt(r.get('peak_reserved_gib'), 2)} | "
                    f"{_fmt(r.get('graph_pool_gib'), 2)} | {_fmt(r['median_step_s'], 3)} | {_fmt(first, 4)} | {delta} |")
     if not uns:
-        out += ["", "No Unsloth row in this run (its command ended before that peer ran): no ratio to quote from it."]
+        out += ["", "No Unsloth measurement in this run (the peer failed or never ran): no ratio to quote from it."]
     return out + [""]
 
 

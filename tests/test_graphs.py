@@ -469,6 +469,38 @@ def test_plan_spare_counts_what_the_kept_layers_leave():
     assert graphs.plan_spare("recompute", keep, gib, mem_info=(40 * gib, 80 * gib)) == 0
 
 
+def test_pending_grad_bytes_counts_gradients_still_to_come():
+    """What the first recorded step has yet to allocate for gradients, counted inside an "auto" budget: the
+    graphs' buffer of each trainable parameter (unless the arena holds it from another batch shape) and
+    its .grad (unless there)."""
+    a, b = torch.nn.Parameter(torch.zeros(3, 5)), torch.nn.Parameter(torch.zeros(7, dtype=torch.bfloat16))
+    c = torch.nn.Parameter(torch.zeros(2))
+    params = [[a, b], [c]]
+    arena = graphs._Arena()
+    nbytes = 15 * 4 + 7 * 2 + 2 * 4
+    assert graphs._pending_grad_bytes(params, arena) == 2 * nbytes
+    arena.view(("g", 1), b.shape, b.dtype, b.device)  # the buffer of b, from an earlier batch shape
+    arena.view(("g", 2), (1,), c.dtype, c.device)  # too small for c: grows at capture, so still counted
+    assert graphs._pending_grad_bytes(params, arena) == 2 * nbytes - 7 * 2
+    a.grad = torch.zeros_like(a)
+    assert graphs._pending_grad_bytes(params, arena) == 2 * nbytes - 7 * 2 - 15 * 4
+
+
+def test_budget_below_the_no_keep_step_is_said(notices):
+    """An explicit budget the step cannot keep even with no layer keeping activations: said once, with the
+    amount and the fix; a budget that covers it, or a fraction of the card that does, says nothing."""
+    gib = 1 << 30
+    graphs._say_if_short(7 * gib, 80 * gib, int(7.5 * gib))
+    graphs._say_if_short(7 * gib, 80 * gib, int(7.5 * gib))
+    assert len(notices) == 1
+    assert "budget of 7.00 GiB" in notices[0] and "~7.50 GiB" in notices[0] and "raise memory_budget" in notices[0]
+    graphs._say_if_short(8 * gib, 80 * gib, int(7.5 * gib))
+    graphs._say_if_short(0.1, 80 * gib, int(7.5 * gib))  # 8 GiB of the card
+    assert len(notices) == 1
+    graphs._say_if_short(0.05, 80 * gib, int(7.5 * gib))  # 4 GiB
+    assert len(notices) == 2 and "budget of 4.00 GiB" in notices[1]
+
+
 @pytest.mark.parametrize("gc", [True, "unsloth"])
 def test_graphed_steps_register_nothing(tiny_dir, emulate, gc):
     """A graphed training step registers no module, parameter or buffer anywhere (a ModuleList slice of the

@@ -165,8 +165,8 @@ def plan_keep(policy: str, n: int, layer_bytes, budget=None, mem_info=None, inpu
 
     "auto": keep the first ``k`` layers, as many as fit in usable memory: with a ``budget`` (bytes, an int,
     or a fraction of the card, a float <= 1: the process's whole memory on the card) what it leaves beside
-    the ``in_use`` bytes already allocated (weights, adapters, ...), by default the free memory minus 10%
-    of the card (at least 2 GiB); either way less two layers' worth for the recompute temporaries and the
+    the ``in_use`` bytes (allocated: weights, adapters, ...; and gradients still to come), by default the
+    free memory minus 10% of the card (at least 2 GiB); either way less two layers' worth for the recompute temporaries and the
     layer-input buffers still to be allocated (``input_bytes`` each: one per layer and the output, or with
     ``offload_rest`` one per kept layer plus a ring of _RING, the other layers' inputs waiting in host
     memory). ``mem_info``: (free, total) bytes, as ``torch.cuda.mem_get_info()``; without it (or without
@@ -183,6 +183,33 @@ def plan_keep(policy: str, n: int, layer_bytes, budget=None, mem_info=None, inpu
         k = (usable - (n + 3) * input_bytes) // layer_bytes
     k = max(0, min(n, int(k)))
     return [i < k for i in range(n)]
+
+
+def _pending_grad_bytes(params: list, arena: "_Arena") -> int:
+    """Bytes the first recorded step has yet to allocate for the gradients of ``params`` (per layer, a list):
+    the graphs' gradient buffers (those the arena does not hold yet from another batch shape) and each
+    ``.grad`` autograd fills from them (not yet there). An optimizer's state comes on top (not counted:
+    which optimizer follows is not known here)."""
+    total, k = 0, 0
+    for ps in params:
+        for j, p in enumerate(ps):
+            nbytes = p.numel() * p.element_size()
+            buf = arena.flat.get((("g", k + j), p.dtype, str(p.device)))
+            total += (nbytes if buf is None or buf.numel() < p.numel() else 0) + (nbytes if p.grad is None else 0)
+        k += len(ps)
+    return total
+
+
+def _say_if_short(budget, total: int, need: int) -> None:
+    """Tell the user (once per budget) when an explicit "auto" budget is below ``need``: what the step holds
+    with no layer keeping its activations (plan_keep's count: in use, the gradients still to come, two
+    layers' recompute temporaries and the layer-input buffers)."""
+    limit = budget * total if isinstance(budget, float) and budget <= 1.0 else int(budget)
+    if limit < need:
+        say_once(f"budget-short-{limit}", f"memory planner: the budget of {limit / 2**30:.2f} GiB is less than this "
+                 f"step needs with no layer keeping its activations (~{need / 2**30:.2f} GiB: weights and adapters, "
+                 "their gradients, two layers' recompute temporaries, the layer-input buffers), so the process "
+                 "will hold more than the budget; raise memory_budget, or lower the batch size or sequence length")
 
 
 def _buffer_bytes(keep: list, input_bytes: int, offloaded: bool) -> int:
@@ -288,13 +315,17 @@ class GraphSet:
             _clear_cublas_workspaces()
             torch.cuda.empty_cache()
         mem_info = None if emulate else _free_memory()
-        in_use = 0 if emulate else torch.cuda.memory_allocated()  # weights, adapters, ...: inside a budget
+        # weights, adapters, ...: inside a budget; and what the first step has yet to allocate for gradients
+        in_use = 0 if emulate else torch.cuda.memory_allocated() + _pending_grad_bytes(self.params, arena)
         input_bytes = max(x_example.numel(), min_numel) * x_example.element_size()  # an arena buffer's size
         # "auto": the layers it does not keep wait in host memory until their backward (instead of on the
         # GPU), when offloading is available here and the host has the room
         rest = offload_rest and policy == "auto" and _host_has_room(n * input_bytes)
         self.keep = plan_keep(policy, n, self.layer_bytes, budget, mem_info, input_bytes, rest, in_use)
         self.offloaded = [(policy == "offload" or rest) and not kept for kept in self.keep]
+        if policy == "auto" and budget is not None and mem_info is not None and self.layer_bytes:
+            none_kept = in_use + 2 * self.layer_bytes + _buffer_bytes([False] * n, input_bytes, rest)
+            _say_if_short(budget, mem_info[1], none_kept)
         # layer inputs: a GPU buffer each for layers that are not offloaded (a kept layer's graph reads its
         # input in backward), a ring of _RING slots for the offloaded ones (and for the stack's output after one)
         ring = [arena.view(("xr", j), shape, dt, dev, min_numel) for j in range(_RING)] if any(self.offloaded) else []
