@@ -167,9 +167,9 @@ def plan_keep(policy: str, n: int, layer_bytes, budget=None, mem_info=None, inpu
     or a fraction of the card, a float <= 1: the process's whole memory on the card) what it leaves beside
     the ``in_use`` bytes (allocated: weights, adapters, ...; and gradients still to come), by default the
     free memory minus 10% of the card (at least 2 GiB); either way less two layers' worth for the recompute
-    temporaries and the layer-input buffers still to be allocated (``input_bytes`` each: one per layer and the output, or with
-    ``offload_rest`` one per kept layer plus a ring of _RING, the other layers' inputs waiting in host
-    memory). ``mem_info``: (free, total) bytes, as ``torch.cuda.mem_get_info()``; without it (or without
+    temporaries and the layer-input buffers still to be allocated (``input_bytes`` each: one per layer and
+    the output, or with ``offload_rest`` one per kept layer plus a ring of _RING, the other layers' inputs
+    waiting in host memory). ``mem_info``: (free, total) bytes, as ``torch.cuda.mem_get_info()``; without it (or without
     ``layer_bytes``) nothing is kept.
     """
     if policy == "keep":
