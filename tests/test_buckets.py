@@ -90,10 +90,14 @@ def test_packed_rows_and_unknown_fields_pass_through():
     assert pad([[5, 6, 7]])["input_ids"].shape == (1, 64)
 
 
-@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
-def test_sft_trainer_buckets_batches_when_graphs_will_run(tiny_dir, tmp_path, monkeypatch, packing):
+@pytest.mark.parametrize("layout", ["padded", "packed", "padfree"])
+def test_sft_trainer_buckets_batches_when_graphs_will_run(tiny_dir, tmp_path, monkeypatch, layout):
     """SFTTrainer wraps its collator when the graph path trains the model (emulated here): the run's losses
-    equal an unbucketed run's, and the graphs see at most the bucket lengths."""
+    equal an unbucketed run's, the graphs see at most the bucket lengths, and every step runs through them:
+    no recorded shape is dropped by a later, longer batch (padding-free rows, one row of a batch's examples,
+    grew the shared buffers step after step, dropping every shape, until the capture limit sent the
+    rest of the run to the eager path)."""
+    import trl
     from transformers import TrainingArguments
 
     from velotune import SFTTrainer, get_alpaca_formatter, set_cuda_graphs
@@ -102,24 +106,40 @@ def test_sft_trainer_buckets_batches_when_graphs_will_run(tiny_dir, tmp_path, mo
     from velotune.training.buckets import BucketPadding
 
     monkeypatch.setattr(graphs, "EMULATE_ON_CPU", True)
+    real, eager = graphs.run_stack, []
+
+    def counting(*a, **k):
+        out = real(*a, **k)
+        eager.append(out is None)
+        return out
+
+    monkeypatch.setattr(graphs, "run_stack", counting)
+    packed = layout != "padded"
     runs = {}
     for mode in ("auto", False):
         model, tok = FastLanguageModel.from_pretrained(tiny_dir(), max_seq_length=256, load_in_4bit=False)
         model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, random_state=3)
         set_cuda_graphs(model, mode)
-        ds = load_alpaca_dataset().select(range(12)).map(get_alpaca_formatter(tok), batched=True)
-        args = TrainingArguments(output_dir=str(tmp_path / str(mode)), per_device_train_batch_size=2, max_steps=4,
-                                 learning_rate=1e-2, logging_steps=1, optim="sgd", seed=3, report_to="none",
-                                 save_strategy="no")
-        trainer = SFTTrainer(model=model, tokenizer=tok, train_dataset=ds, dataset_text_field="text",
-                             max_seq_length=256, packing=packing, args=args)
+        ds = load_alpaca_dataset().select(range(16)).map(get_alpaca_formatter(tok), batched=True)
+        common = dict(output_dir=str(tmp_path / str(mode)), per_device_train_batch_size=2, max_steps=6,
+                      learning_rate=1e-2, logging_steps=1, optim="sgd", seed=3, report_to="none", save_strategy="no")
+        if layout == "padfree":  # TRL's padding_free without packing: SFTConfig's own field
+            args = trl.SFTConfig(**common, padding_free=True, max_length=None, dataset_text_field="text",
+                                 bf16=False)
+            trainer = SFTTrainer(model=model, processing_class=tok, train_dataset=ds, args=args)
+        else:
+            trainer = SFTTrainer(model=model, tokenizer=tok, train_dataset=ds, dataset_text_field="text",
+                                 max_seq_length=256, packing=packed, args=TrainingArguments(**common))
         assert isinstance(trainer.data_collator, BucketPadding) == (mode == "auto")
-        if mode == "auto":  # packed: the two rows of a batch become one row of up to 2 x 256 tokens
-            assert trainer.data_collator.max_length == (512 if packing else 256)
+        if mode == "auto":  # packed / padding-free: the two rows of a batch become one row of up to 2 x 256 tokens
+            assert trainer.data_collator.max_length == (512 if packed else 256)
+        eager.clear()
         trainer.train()
         st = graphs.state_of(model.get_base_model())
         runs[mode] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         if mode == "auto":
             assert 0 < st.captures and all(key[0][1] % 64 == 0 for key in st.sets)  # bucket lengths only
-            assert all(key[0][0] == 1 for key in st.sets) == packing
+            assert all(key[0][0] == 1 for key in st.sets) == packed
+            assert len(eager) == 6 and not any(eager), eager  # every step through the graphs
+            assert st.arena.generation == 0 and st.captures == len(st.sets)  # no recorded shape dropped
     torch.testing.assert_close(torch.tensor(runs["auto"]), torch.tensor(runs[False]), rtol=1e-5, atol=1e-6)

@@ -39,6 +39,10 @@ class VelotuneState:
     full_finetuning: bool = False
     source: str = ""
     gradient_checkpointing: object = False
+    # the most tokens one training batch holds in all (rows x length), where a trainer knows it (velotune's
+    # SFTTrainer: per-device batch x max_length); sizes the CUDA graphs' shared buffers, so that padding-free
+    # rows (one row of every example of a batch) do not grow them, and drop every recorded shape, step after step
+    batch_tokens: int = 0
     extra: dict = field(default_factory=dict)
 
 

@@ -482,12 +482,15 @@ def _graphed_stack(model, layers, x, plan, attn_plans, position_ids, policy="rec
 
         return run_layer
 
-    max_len = getattr(getattr(model, "_velotune", None), "max_seq_length", 0) or 0
+    vs = getattr(model, "_velotune", None)
+    max_len = getattr(vs, "max_seq_length", 0) or 0
+    # the shared buffers' size: the longest batch expected (a trainer may have said: padding-free rows)
+    max_tokens = max(x.shape[0] * max(max_len, x.shape[1]), getattr(vs, "batch_tokens", 0) or 0)
     key = (_adapter_signature(model, layers), tuple(layout),
            tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(inputs.items())))
     return graphs.run_stack(model, layers, x, make_run_layer, key_extra=key,
                             check=lambda: all(_graph_fusable(layer, plan) for layer in layers), policy=policy,
-                            max_tokens=x.shape[0] * max(max_len, x.shape[1]), inputs=inputs,
+                            max_tokens=max_tokens, inputs=inputs,
                             frozen_weights=lambda: _frozen_4bit(layers), offload_rest=can_offload)
 
 

@@ -288,8 +288,10 @@ class GraphSet:
                  offload_rest: bool = False):
         self.layers, self.autocast, self.emulate = list(layers), autocast, emulate
         # per-call attention inputs (positions, masks, sequence starts): this set's own static copies,
-        # refilled before every replay (set_inputs); the layers read them through run_layer
-        self.inputs = {k: arena.view(("in", k), v.shape, v.dtype, v.device) for k, v in (inputs or {}).items()}
+        # refilled before every replay (set_inputs); the layers read them through run_layer. Not in the shared
+        # arena: their sizes follow the batch length, and a longer batch growing a shared buffer would drop
+        # every recorded shape (padding-free rows re-recorded step after step until the capture limit)
+        self.inputs = {k: torch.empty_like(v) for k, v in (inputs or {}).items()}
         self.set_inputs(inputs or {})
         self.run_layer = make_run_layer(self.inputs)
         if policy not in POLICIES:

@@ -75,8 +75,10 @@ class BucketPadding:
 def wrap_trainer_collator(trainer, model, state) -> bool:
     """Give ``trainer`` bucket padding when the CUDA-graph path will train this model: a velotune model
     with gradient checkpointing, graphs not turned off, on CUDA. Packed / padding-free batches (one row
-    of up to ``per_device_train_batch_size x max_length`` tokens) get buckets of that length. Says so
-    once. Returns whether the collator was wrapped."""
+    of up to ``per_device_train_batch_size x max_length`` tokens) get buckets of that length. The model's
+    state learns that token count (``batch_tokens``: the graphs size their shared buffers for it, so a
+    longer row later does not drop the shapes recorded so far). Says so once. Returns whether the
+    collator was wrapped."""
     from .._notices import say_once
     from ..models import graphs
 
@@ -93,6 +95,7 @@ def wrap_trainer_collator(trainer, model, state) -> bool:
     if pad is None or trainer.data_collator is None:
         return False
     max_length = getattr(args, "max_length", None) or state.max_seq_length
+    state.batch_tokens = max(state.batch_tokens, args.per_device_train_batch_size * max_length)
     if getattr(args, "packing", False) or getattr(args, "padding_free", False):
         max_length *= args.per_device_train_batch_size  # the rows of a batch become one row
     trainer.data_collator = BucketPadding(trainer.data_collator, pad, max_length)
