@@ -12,10 +12,12 @@ with True, ``velotune_auto`` with "auto" (the planner; budget: the free memory),
 16 GiB budget in all (about half the 8B layers kept, the rest recomputed from GPU inputs),
 ``velotune_auto_16g_offload`` the same with the other layers' inputs in host memory
 (graphs.AUTO_OFFLOAD_ON_CUDA), ``velotune_auto_equal`` with Unsloth's measured peak as the budget (and the
-rest offloaded). velotune's optimizer is
-bitsandbytes' AdamW8bit through ``without_host_syncs``, as velotune's SFTTrainer builds it (its 8-bit updates
-called directly, velotune.training.optim.DIRECT_ON_CUDA; rows of the peers ``velotune_direct`` /
-``velotune_auto_direct`` in the results are from before that was the default, when it was measured apart).
+rest offloaded), ``velotune_expandable`` = ``velotune`` with ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``
+(what Unsloth sets for its own process at import, so its peak reserved is measured with it; velotune leaves
+the allocator as the user set it). velotune's optimizer is bitsandbytes' AdamW8bit through
+``without_host_syncs``, as velotune's SFTTrainer builds it (its 8-bit updates called directly,
+velotune.training.optim.DIRECT_ON_CUDA; rows of the peers ``velotune_direct`` / ``velotune_auto_direct`` in
+the results are from before that was the default, when it was measured apart).
 Run each peer in its own process (Unsloth patches transformers at import): bench/run_train_step.py.
 
     python bench/train_step.py --peer hf --ckpt /tmp/llama-1b --json out.json
@@ -34,12 +36,12 @@ from _child import write_result
 from _peers import fast_model, hf_model
 
 PEERS = ["velotune", "velotune_eager", "velotune_auto", "velotune_auto_resident", "velotune_auto_16g",
-         "velotune_auto_16g_offload", "velotune_auto_equal", "velotune_recompute",
+         "velotune_auto_16g_offload", "velotune_auto_equal", "velotune_recompute", "velotune_expandable",
          "hf", "unsloth", "liger"]
 # use_gradient_checkpointing per peer: the seed's (and Unsloth's) "unsloth" = offloaded checkpointing
 GC = {"velotune": "unsloth", "velotune_eager": "unsloth", "velotune_auto": "auto", "velotune_auto_resident": "auto",
       "velotune_auto_16g": "auto", "velotune_auto_16g_offload": "auto", "velotune_auto_equal": "auto",
-      "velotune_recompute": True,
+      "velotune_recompute": True, "velotune_expandable": "unsloth",
       "unsloth": "unsloth", "hf": True, "liger": True}
 
 
@@ -142,6 +144,8 @@ def run(args) -> dict:
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3), "losses": [round(x, 5) for x in losses[:5]],
         "step_times_s": [round(t, 4) for t in times], "load_s": round(load_s, 1), "profile": prof_table,
         "graph_pool_gib": round(graph_pool_bytes() / 2**30, 3), "gc": GC[args.peer],
+        # the allocator's settings as the peer left them (Unsloth sets expandable segments at import)
+        "alloc_conf": os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
     }
 
 
@@ -190,6 +194,13 @@ def main() -> int:
     p.add_argument("--json", required=True)
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.peer.endswith("_expandable"):  # before torch starts CUDA: the allocator reads it once
+        from importlib.metadata import version
+
+        # Unsloth's rule (unsloth_zoo/__init__.py): torch >= 2.10 reads the unified variable
+        major, minor = (int(v) for v in version("torch").split(".")[:2])
+        os.environ["PYTORCH_ALLOC_CONF" if (major, minor) >= (2, 10) else "PYTORCH_CUDA_ALLOC_CONF"] = \
+            "expandable_segments:True"
     row = write_result(args.json, lambda: run(args), lambda msg: {"peer": args.peer, "error": msg})
     print(json.dumps({k: v for k, v in row.items() if k != "profile"}))
     return 0
