@@ -37,7 +37,7 @@ _classes: dict = {}
 # Whether the step calls bitsandbytes' 8-bit blockwise update function directly on CUDA (see the module
 # docstring); False: every parameter through bitsandbytes' update_step. On since
 # tests/test_optim.py::test_direct_update_on_cuda_is_bitwise_bitsandbytes passed on an H200 (2026-11-28, 8th
-# session; the 1B seed step 52.6K vs 52.3K tok/s through bitsandbytes' path, run 731a7d6 in bench/results).
+# session; the 1B seed step 52.6K vs 52.3K tok/s through bitsandbytes' path: run 20261128T133421Z).
 DIRECT_ON_CUDA = True
 _DIRECT_DEVICES = ("cuda",)  # tests add "cpu" (with a fake function: bitsandbytes' C update is CUDA-only)
 
