@@ -25,6 +25,7 @@ import os
 import resource
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -38,6 +39,22 @@ def load(peer: str, ckpt: str, max_len: int, cuda: bool):
     if peer in ("velotune", "unsloth"):
         return fast_model(peer, ckpt, max_len, cuda)[0]
     return hf_model(ckpt, cuda)
+
+
+PROGRESS_FROM, PROGRESS_EVERY_S = 131072, 30.0
+
+
+def _progress(peer: str, t: int, t0: float, pool, done) -> None:
+    """Every PROGRESS_EVERY_S seconds of a long step: seconds so far, GPU memory now / peak, and (velotune)
+    the page-locked host memory, which grows by one layer's input per offloaded layer in the first forward
+    at a new length. Reads counters only (no synchronisation)."""
+    import torch
+
+    while not done.wait(PROGRESS_EVERY_S):
+        host = f", {pool.held_bytes / 2**30:.1f} GiB page-locked" if pool is not None else ""
+        now, peak = torch.cuda.memory_allocated() / 2**30, torch.cuda.max_memory_allocated() / 2**30
+        print(f"[long] {peer} {t}: {time.perf_counter() - t0:.0f} s into the step, {now:.1f} GiB allocated "
+              f"(peak {peak:.1f}){host}", flush=True)
 
 
 def one_peer(args) -> list[dict]:
@@ -74,13 +91,19 @@ def one_peer(args) -> list[dict]:
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with torch.autocast(dev, dtype=torch.bfloat16, enabled=cuda):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
+        done = threading.Event()
+        if cuda and t >= PROGRESS_FROM:  # a step of minutes: say how far it got, in case the call's limit ends it
+            threading.Thread(target=_progress, args=(args.peer, t, t0, pool, done), daemon=True).start()
+        try:
+            with torch.autocast(dev, dtype=torch.bfloat16, enabled=cuda):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.synchronize()
+        finally:
+            done.set()
         return time.perf_counter() - t0
 
     print(f"[long] {args.peer} loaded at {time.strftime('%X')}", flush=True)
