@@ -290,7 +290,9 @@ class GraphSet:
         # per-call attention inputs (positions, masks, sequence starts): this set's own static copies,
         # refilled before every replay (set_inputs); the layers read them through run_layer. Not in the shared
         # arena: their sizes follow the batch length, and a longer batch growing a shared buffer would drop
-        # every recorded shape (padding-free rows re-recorded step after step until the capture limit)
+        # every recorded shape (padding-free rows re-recorded step after step until the capture limit). The
+        # price: a mask ([rows, 1, T, T], only for sliding windows shorter than the batch, or packed rows
+        # without varlen attention) is held once per recorded shape
         self.inputs = {k: torch.empty_like(v) for k, v in (inputs or {}).items()}
         self.set_inputs(inputs or {})
         self.run_layer = make_run_layer(self.inputs)
