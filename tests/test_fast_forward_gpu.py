@@ -181,14 +181,15 @@ def test_capture_leaves_no_warm_up_memory_cached(tmp_path):
     from velotune.models import offload
 
     names = {s.cuda_stream: f"offload side {d}" for d, s in offload._side_streams.items()}
-    names.update({gs.side.cuda_stream: "graphs' ring side" for gs in graphs.state_of(model.get_base_model()).sets.values()
-                  if gs.side is not None})
+    sets = graphs.state_of(model.get_base_model()).sets.values()
+    names.update({gs.side.cuda_stream: "graphs' ring side" for gs in sets if gs.side is not None})
     stray = [(names.get(seg["stream"], seg["stream"]), seg["total_size"],
               [(b["size"], b["state"]) for b in seg["blocks"]]) for seg in torch.cuda.memory_snapshot()
              if tuple(seg.get("segment_pool_id", (0, 0))) == (0, 0) and seg["stream"] != main]
     # a 2 MiB segment of the capture's stream may hold a few 512-byte blocks (H200, torch 2.11): whatever
     # the capture itself asks for; the warm-up's layer temporaries and cuBLAS workspaces (2 x 32 MiB) may not
-    assert sum(size for _, size, _ in stray) <= 2 * 2**20, f"default-pool segments of other streams (stream, bytes, blocks): {stray}"
+    assert sum(size for _, size, _ in stray) <= 2 * 2**20, \
+        f"default-pool segments of other streams (stream, bytes, blocks): {stray}"
 
 
 def test_cuda_graphs_auto_keeps_some_and_offloads_the_rest(tmp_path, monkeypatch):
