@@ -14,8 +14,9 @@ with True, ``velotune_auto`` with "auto" (the planner; budget: the free memory),
 (graphs.AUTO_OFFLOAD_ON_CUDA), ``velotune_auto_equal`` with Unsloth's measured peak as the budget (and the
 rest offloaded), ``velotune_expandable`` = ``velotune`` with the allocator's expandable segments on
 (``PYTORCH_ALLOC_CONF``, before torch 2.10 ``PYTORCH_CUDA_ALLOC_CONF``: what Unsloth sets for its own process at
-import, so its peak reserved is measured with them; velotune leaves the allocator as the user set it). velotune's optimizer is bitsandbytes' AdamW8bit through
-``without_host_syncs``, as velotune's SFTTrainer builds it (its 8-bit updates called directly,
+import, so its peak reserved is measured with them; velotune leaves the allocator as the user set it).
+velotune's optimizer is bitsandbytes' AdamW8bit through ``without_host_syncs``, as velotune's SFTTrainer builds
+it (its 8-bit updates called directly,
 velotune.training.optim.DIRECT_ON_CUDA; rows of the peers ``velotune_direct`` / ``velotune_auto_direct`` in
 the results are from before that was the default, when it was measured apart).
 Run each peer in its own process (Unsloth patches transformers at import): bench/run_train_step.py.
