@@ -19,7 +19,7 @@ if [[ $what == tests || $what == all ]]; then
 fi
 if [[ $what == new ]]; then  # the GPU paths written without a GPU (2026-11-28, 4th-6th sessions): their tests first
   timeout 200 python -m pytest -q -p no:cacheprovider -m gpu tests/test_fast_forward_gpu.py \
-    -k "warm_up_memory or bitwise_bitsandbytes or recorded_decode or long_context_paths or capture_after_eager or gpu_compiled or host_memory_model or held_4bit or bnb_gemv or offloads_the_rest" tests/kernels/test_nf4_matmul.py tests/test_optim.py 2>&1 | tail -15 | tee "$OUT/tests-new.txt"
+    -k "padding_free_rows or warm_up_memory or bitwise_bitsandbytes or recorded_decode or long_context_paths or capture_after_eager or gpu_compiled or host_memory_model or held_4bit or bnb_gemv or offloads_the_rest" tests/kernels/test_nf4_matmul.py tests/test_optim.py 2>&1 | tail -15 | tee "$OUT/tests-new.txt"
 fi
 if [[ $what == train1b || $what == all ]]; then
   timeout 420 python bench/run_train_step.py --shapes 1b --peers velotune velotune_expandable velotune_auto unsloth hf liger \

@@ -521,3 +521,52 @@ def test_cuda_graphs_packed_rows(tmp_path, monkeypatch):
         assert graphs.state_of(model.get_base_model()).captures == int(mode)
         del model
     _assert_runs_agree(runs)
+
+
+def test_cuda_graphs_padding_free_rows_keep_their_shapes(tmp_path, monkeypatch):
+    """Padding-free rows (one row of a batch's examples, varlen attention; the row's length changes every
+    step and exceeds max_seq_length, up to what SFTTrainer says a batch holds) through real CUDA graphs:
+    every step replays graphs, and no recorded shape is dropped by a longer row (each recorded set has its
+    own copies of the attention inputs; the shared buffers are sized by VelotuneState.batch_tokens).
+    Losses and weights are the eager run's."""
+    from velotune import set_cuda_graphs
+    from velotune.loading import state_of
+    from velotune.models import graphs
+
+    real, eager = graphs.run_stack, []
+
+    def counting(*a, **k):
+        out = real(*a, **k)
+        eager.append(out is None)
+        return out
+
+    monkeypatch.setattr(graphs, "run_stack", counting)
+    path = _make("llama", tmp_path)
+    lengths = [384, 768, 1536, 2048, 768]
+    runs = {}
+    for mode in (False, True):
+        model = _lora(path, load_in_4bit=True)
+        state_of(model).batch_tokens = 2048  # what SFTTrainer sets: per-device batch 2 x max_length 1024
+        set_cuda_graphs(model, mode)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        gen = torch.Generator(device="cuda").manual_seed(3)
+        losses, eager[:] = [], []
+        for t in lengths:
+            ids = torch.randint(3, 500, (1, t), device="cuda", generator=gen)
+            cut = t // 3  # two examples in the row
+            pos = torch.cat([torch.arange(cut), torch.arange(t - cut)]).unsqueeze(0).cuda()
+            labels = ids.clone()
+            labels[:, cut] = -100
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, position_ids=pos, labels=labels).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        runs[mode] = losses, {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+        if mode:
+            st = graphs.state_of(model.get_base_model())
+            assert len(eager) == len(lengths) and not any(eager), eager
+            assert (st.captures, len(st.sets), st.arena.generation) == (4, 4, 0)
+        del model
+    _assert_runs_agree(runs)
