@@ -97,6 +97,22 @@ def test_auto_records_the_first_shapes_then_stays_eager(tiny_dir, emulate, notic
     assert sum("batch shapes keep changing" in m for m in notices) == 1
 
 
+def test_auto_records_a_dropped_shape_again(tiny_dir, emulate, monkeypatch):
+    """The "auto" limit counts distinct shapes: a shape whose set was dropped when the shared buffers grew for
+    a longer batch is recorded again (counted as new, such re-recordings used up the limit, and the rest of
+    a run with padding-free rows went eager); a shape never seen, past the limit, stays eager."""
+    monkeypatch.setattr(graphs, "_MAX_CAPTURES", 2)
+    model = _model(tiny_dir)  # max_seq_length 128, "auto"
+    st = graphs.state_of(model.get_base_model())
+    _train(model, 1, shapes={0: (2, 24)})
+    _train(model, 1, shapes={0: (2, 200)})  # longer than max_seq_length: the arena grows, the first set goes
+    assert st.arena.generation > 0 and len(st.sets) == 1 and st.captures == 2
+    _train(model, 1, shapes={0: (2, 24)})
+    assert st.captures == 3 and len(st.sets) == 2
+    _train(model, 1, shapes={0: (2, 16)})
+    assert st.captures == 3 and len(st.sets) == 2
+
+
 def test_auto_leaves_long_batches_eager(tiny_dir, emulate, notices, monkeypatch):
     monkeypatch.setattr(graphs, "AUTO_MAX_TOKENS", 40)
     model = _model(tiny_dir)  # "auto"

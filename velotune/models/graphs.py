@@ -28,7 +28,8 @@ per-call inputs are static copies refilled every call (STATIC_INPUTS_ON_CUDA: th
 only plain causal attention with positions 0..T-1 is recorded). A capture
 costs about two eager steps and is kept per batch shape (up to 8 shapes; their static buffers are
 shared, sized for batch x max_seq_length); ``mode="auto"`` records the first 8 shapes it sees and then
-stops recording new ones (batches whose length changes every step gain nothing: pad them to a few
+stops recording new ones (a shape dropped since, when the shared buffers grew for a longer batch, is recorded
+again) (batches whose length changes every step gain nothing: pad them to a few
 fixed lengths, as SFTTrainer does). Otherwise the eager path runs, unchanged.
 
 Measured (H200, 1B shape, bs 2 x 2048, bench/run_train_step.py): 47.8K tokens/s with graphs vs 16.8K
@@ -62,7 +63,7 @@ from .pointers import Slots
 # Set per model with set_cuda_graphs().
 MODES = ("auto", True, False)
 _MAX_SETS = 8  # batch shapes kept per model (their static buffers are shared: _Arena)
-_MAX_CAPTURES = 8  # per model in "auto": shapes that keep changing stay eager
+_MAX_CAPTURES = 8  # per model in "auto": distinct shapes recorded; shapes that keep changing stay eager
 # "auto" leaves batches of more tokens than this eager: their step is seconds of GPU work, so launching
 # kernels one by one costs nothing measurable, while the graphs' pool would hold one layer's
 # temporaries (GiBs at such lengths) that the eager loss could otherwise reuse: long-context runs are
@@ -582,6 +583,7 @@ class _State:
         self.mode = mode
         self.sets: "collections.OrderedDict[tuple, GraphSet]" = collections.OrderedDict()
         self.captures = 0
+        self.recorded: set = set()  # keys of every shape ever recorded ("auto" stops at _MAX_CAPTURES of them)
         self.broken: Optional[str] = None
         self.arena = _Arena()
         self.pool = None  # one CUDA graph memory pool for every set (temporaries only)
@@ -734,7 +736,9 @@ def run_stack(model, layers, x: torch.Tensor, make_run_layer, key_extra=(), chec
                      "without graphs (no speed to gain at that size, and their memory pool would cost context "
                      "length); velotune.set_cuda_graphs(model, True) records them anyway")
             return None
-        if st.mode == "auto" and st.captures >= _MAX_CAPTURES:
+        # the limit counts distinct shapes: one recorded before and dropped since (the shared buffers grew for a
+        # longer batch, its parameters moved) is recorded again, not left eager as if it were new
+        if st.mode == "auto" and key not in st.recorded and len(st.recorded) >= _MAX_CAPTURES:
             say_once(f"graphs-shapes-{id(st)}", "CUDA graphs: batch shapes keep changing, so new shapes run without "
                      "graphs; pad batches to a fixed length (e.g. pad_to_multiple_of) to get them")
             return None
@@ -758,6 +762,7 @@ def run_stack(model, layers, x: torch.Tensor, make_run_layer, key_extra=(), chec
             _release(st)
             return None
         st.captures += 1
+        st.recorded.add(key)
         for k in [k for k, other in st.sets.items() if other.arena_generation != st.arena.generation]:
             st.sets.pop(k).close()  # recorded against buffers the arena has since replaced
         st.sets[key] = gs
