@@ -113,6 +113,32 @@ def test_auto_records_a_dropped_shape_again(tiny_dir, emulate, monkeypatch):
     assert st.captures == 3 and len(st.sets) == 2
 
 
+@pytest.mark.parametrize("graphed", [True, False], ids=["graphs", "offload-eager"])
+def test_recompute_skips_the_unread_down_projection(tiny_dir, emulate, monkeypatch, graphed):
+    """A recompute for backward (graphs' recorded backward; the offloaded checkpoint's eager backward) runs
+    no down projection: one _linear call fewer per recomputed layer and step, and losses and weights equal
+    bit for bit those with the switch (recompute.SKIP_MLP_OUTPUT) off."""
+    from velotune.kernels import lora
+    from velotune.models import recompute
+
+    real, calls = lora._linear, []
+    monkeypatch.setattr(lora, "_linear", lambda *a: calls.append(1) or real(*a))
+    runs = {}
+    for skip in (False, True):
+        monkeypatch.setattr(recompute, "SKIP_MLP_OUTPUT", skip)
+        model = _model(tiny_dir, gc="unsloth")
+        set_cuda_graphs(model, "auto" if graphed else False)
+        calls.clear()
+        runs[skip] = _train(model, 3), len(calls), _captures(model)
+    (l0, w0), n0, captures = runs[False]
+    (l1, w1), n1, _ = runs[True]
+    assert l0 == l1 and all(torch.equal(w0[k], w1[k]) for k in w0)
+    assert captures == int(graphed)
+    layers = model.config.num_hidden_layers
+    # every layer recomputed once a step, and once more at a capture (the emulation runs what it records)
+    assert n0 - n1 == (3 + captures) * layers
+
+
 def test_auto_leaves_long_batches_eager(tiny_dir, emulate, notices, monkeypatch):
     monkeypatch.setattr(graphs, "AUTO_MAX_TOKENS", 40)
     model = _model(tiny_dir)  # "auto"

@@ -213,6 +213,28 @@ def test_lora_mlp_partial_adapters_and_fp32_adapters_with_bf16_input():
     assert all(torch.isfinite(t).all() for t in got)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", ["dense", "nf4"])
+def test_lora_mlp_without_output_keeps_every_gradient(kind, dtype, monkeypatch):
+    """need_output=False (a checkpoint's recompute, models/recompute.py): the down projection is not run
+    (its base weight never read), the output is zeros of the right shape, and the gradients of x and of
+    every A and B equal, bit for bit, those of the full forward backpropagating the same dy."""
+    _seed("no-output", kind, dtype)
+    T, hid, inter = 37, 96, 507
+    projs = [_proj(kind, inter, hid, 8, 2.0, dtype), _proj(kind, inter, hid, 16, RSLORA, dtype),
+             _proj(kind, hid, inter, 8, 0.5, dtype)]
+    x, dy = torch.randn(T, hid, dtype=dtype), torch.randn(T, hid, dtype=dtype)
+    full = _run(L.lora_mlp, x, [_fresh(p) for p in projs], [dy])
+    bases = []
+    real = L._linear
+    monkeypatch.setattr(L, "_linear", lambda x2, base, *a: bases.append(base) or real(x2, base, *a))
+    part = _run(L.lora_mlp, x, [_fresh(p) for p in projs], [dy], need_output=False)
+    assert all(b is not projs[2][0] for b in bases) and len(bases) == 2  # gate and up only
+    assert part[0].shape == full[0].shape and not part[0].any()
+    for got, want in zip(part[1:], full[1:]):
+        assert torch.equal(got, want)
+
+
 def test_base_weight_gets_no_grad_and_is_untouched():
     _seed("frozen")
     dense = _proj("dense", 64, 96, 8, 2.0, torch.float32)

@@ -467,7 +467,7 @@ class LoRAMLPFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, activation, *flat):
+    def forward(ctx, x, activation, need_output, *flat):
         gate, up, down = [tuple(flat[i:i + 4]) for i in range(0, 12, 4)]
         x2 = x.reshape(-1, x.shape[-1])
         dt = x.dtype
@@ -479,7 +479,10 @@ class LoRAMLPFunction(torch.autograd.Function):
         h = _glu_forward_nograd(g, u, activation)
         base_d, A_d, B_d, s_d = down
         ha = h @ _cast(A_d, dt).t() if A_d is not None else None
-        y = _linear(h, base_d, _cast(B_d, dt), ha, float(s_d))
+        if need_output:
+            y = _linear(h, base_d, _cast(B_d, dt), ha, float(s_d))
+        else:  # a recompute whose output only roots the backward (models/recompute.py): nothing reads it
+            y = h.new_zeros(h.shape[0], _base_shape(base_d)[0])
         del h
         tensors, meta = _pack_projections([gate, up, down])
         ctx.meta, ctx.activation = meta, activation
@@ -510,12 +513,12 @@ class LoRAMLPFunction(torch.autograd.Function):
         a_gu, ranks = _lora_a_cat([gate, up], dt)
         dx, ((da_g, db_g), (da_u, db_u)) = _shared_input_backward(
             ctx.needs_input_grad[0], x2, xa_gu, a_gu, ranks, [gate, up], [dg, du])
-        return (dx.view(x.shape) if dx is not None else None, None,
+        return (dx.view(x.shape) if dx is not None else None, None, None,
                 None, da_g, db_g, None, None, da_u, db_u, None, None, da_d, db_d, None)
 
 
 def lora_mlp(x: torch.Tensor, gate: Projection, up: Projection, down: Projection,
-             activation: str = "silu") -> torch.Tensor:
+             activation: str = "silu", need_output: bool = True) -> torch.Tensor:
     """Fused gated MLP ``down(act(gate(x)) * up(x))`` with LoRA on each projection.
 
     Args:
@@ -524,6 +527,9 @@ def lora_mlp(x: torch.Tensor, gate: Projection, up: Projection, down: Projection
         down: ``(base, A, B, scaling)`` with base ``[hidden, intermediate]``.
         activation: ``"silu"`` (SwiGLU; HF ``silu``/``swish``), ``"gelu"`` (GeGLU, erf; HF ``gelu``) or
             ``"gelu_tanh"`` (HF ``gelu_pytorch_tanh``, also accepted by that name).
+        need_output: False when nothing will read the output's values, only backpropagate through it (a
+            checkpoint's recompute, models/recompute.py): the down projection is skipped and zeros are
+            returned; every gradient is the same as with the output computed.
 
     Returns ``[..., hidden]`` in ``x.dtype``.
     """
@@ -539,7 +545,7 @@ def lora_mlp(x: torch.Tensor, gate: Projection, up: Projection, down: Projection
     if _base_shape(down[0])[0] != x.shape[-1]:
         raise ValueError(f"lora_mlp: down projects to {_base_shape(down[0])[0]} features, x has {x.shape[-1]}")
     with torch.autocast(x.device.type, enabled=False):
-        return LoRAMLPFunction.apply(x, activation, *gate, *up, *down)
+        return LoRAMLPFunction.apply(x, activation, bool(need_output), *gate, *up, *down)
 
 
 def lora_mlp_reference(x, gate, up, down, activation="silu"):

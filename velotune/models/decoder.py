@@ -39,6 +39,7 @@ from ..kernels.rope import rope, rope_cos_sin
 from . import attention as A
 from . import chunked
 from . import offload as offload_mod
+from . import recompute
 from .registry import FamilySpec, activation_of, family_of
 
 _STATIC_ROPE = {"default", "linear", "llama3", "yarn", "longrope"}
@@ -163,7 +164,8 @@ def _attention(layer, h, plan, attn_plan):
     return _apply(attn.o_proj, projection(attn.o_proj), out)
 
 
-def _mlp(layer, h, plan):
+def _mlp(layer, h, plan, need_output: bool = True):
+    """The layer's MLP on ``h``; ``need_output`` False: only its backward is wanted (models/recompute.py)."""
     mlp = layer.mlp
     projs = [projection(getattr(mlp, n, None)) if hasattr(mlp, n) else None for n in ("gate_proj", "up_proj", "down_proj")]
     if plan.activation is not None and all(p is not None and p[4] is None for p in projs):
@@ -171,7 +173,7 @@ def _mlp(layer, h, plan):
         if chunked.wants_chunks(h):  # long context: the MLP's [tokens, intermediate] buffers a chunk at a time
             params = [t for p in fused for t in (p[1], p[2]) if t is not None and t.requires_grad]
             return chunked.row_chunked(lambda rows: lora_mlp(rows, *fused, activation=plan.activation), h, params)
-        return lora_mlp(h, *fused, activation=plan.activation)
+        return lora_mlp(h, *fused, activation=plan.activation, need_output=need_output)
     return mlp(h)
 
 
@@ -184,7 +186,8 @@ def _layer(layer, x, plan, attn_plan):
         return x + _norm(_mlp(layer, h, plan), layer.post_feedforward_layernorm, plan)
     x = x + a
     h = _norm(x, layer.post_attention_layernorm, plan)
-    return x + _mlp(layer, h, plan)
+    # the MLP output only meets the residual add: in a recompute for backward its values go unread
+    return x + _mlp(layer, h, plan, need_output=not recompute.output_unused())
 
 
 # ----------------------------------------------------------------------------------------- masks

@@ -57,6 +57,7 @@ from typing import Optional
 import torch
 
 from .._notices import VelotuneError, say, say_once
+from . import recompute
 from .pointers import Slots
 
 # "auto": record the first _MAX_CAPTURES batch shapes; True: record every new shape; False: never.
@@ -421,7 +422,8 @@ class GraphSet:
             return self._store_grads(i, dst, grads)
         with torch.enable_grad():
             xr = self.input_of(i).detach().requires_grad_(True)
-            out, targets = self._run_with_grad(i, xr)
+            with recompute.for_backward():  # the recomputed output only roots this backward
+                out, targets = self._run_with_grad(i, xr)
             grads = torch.autograd.grad(out, [xr] + targets, grad_outputs=src, allow_unused=True)
         return self._store_grads(i, dst, grads)
 

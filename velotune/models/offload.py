@@ -22,6 +22,7 @@ import time
 import torch
 
 from .._notices import say_once
+from . import recompute
 from .graphs import autocast_state
 
 # On since tests/test_fast_forward_gpu.py::test_cuda_graphs_train_like_eager[llama-offload-*] passed on
@@ -279,7 +280,7 @@ class OffloadedCheckpoint(torch.autograd.Function):
         params = [p for p in ctx.layer.parameters() if p.requires_grad]
         with torch.enable_grad():
             xr = x.detach().requires_grad_(True)
-            with torch.autocast(**ctx.autocast):
+            with torch.autocast(**ctx.autocast), recompute.for_backward():  # its output only roots this backward
                 out = ctx.run_layer(ctx.layer, xr)
             grads = torch.autograd.grad(out, [xr] + params, grad_outputs=dy, allow_unused=True)
         ctx.host = None
