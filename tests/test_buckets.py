@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.tiny_models import randomize_lora_b
+from tests.tiny_models import randomize_lora_b, record_eager_stacks
 from velotune import FastLanguageModel
 from velotune.training.buckets import BucketPadding, bucket_step
 
@@ -106,14 +106,7 @@ def test_sft_trainer_buckets_batches_when_graphs_will_run(tiny_dir, tmp_path, mo
     from velotune.training.buckets import BucketPadding
 
     monkeypatch.setattr(graphs, "EMULATE_ON_CPU", True)
-    real, eager = graphs.run_stack, []
-
-    def counting(*a, **k):
-        out = real(*a, **k)
-        eager.append(out is None)
-        return out
-
-    monkeypatch.setattr(graphs, "run_stack", counting)
+    eager = record_eager_stacks(monkeypatch)
     packed = layout != "padded"
     runs = {}
     for mode in ("auto", False):

@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 
-from tests.tiny_models import make_tokenizer, randomize_lora_b
+from tests.tiny_models import make_tokenizer, randomize_lora_b, record_eager_stacks
 from velotune import FastLanguageModel
 from velotune.models import set_fast_forward
 
@@ -533,14 +533,7 @@ def test_cuda_graphs_padding_free_rows_keep_their_shapes(tmp_path, monkeypatch):
     from velotune.loading import state_of
     from velotune.models import graphs
 
-    real, eager = graphs.run_stack, []
-
-    def counting(*a, **k):
-        out = real(*a, **k)
-        eager.append(out is None)
-        return out
-
-    monkeypatch.setattr(graphs, "run_stack", counting)
+    eager = record_eager_stacks(monkeypatch)
     path = _make("llama", tmp_path)
     lengths = [384, 768, 1536, 2048, 768]
     runs = {}

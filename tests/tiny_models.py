@@ -111,3 +111,19 @@ def make_llama2_style_tokenizer():
     tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
                                      decoders.Strip(" ", 1, 0)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def record_eager_stacks(monkeypatch) -> list:
+    """Patch velotune's graphs.run_stack so each call appends whether the decoder stack ran eagerly (True)
+    instead of through CUDA graphs (emulated or real); returns that list."""
+    from velotune.models import graphs
+
+    real, eager = graphs.run_stack, []
+
+    def recording(*a, **k):
+        out = real(*a, **k)
+        eager.append(out is None)
+        return out
+
+    monkeypatch.setattr(graphs, "run_stack", recording)
+    return eager
