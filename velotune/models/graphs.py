@@ -500,15 +500,15 @@ class GraphSet:
                 x = x0
                 for i, layer in enumerate(self.layers):
                     with torch.no_grad(), torch.autocast(**self.autocast):
-                        self.run_layer(layer, x)
-                    with torch.enable_grad():
+                        nxt = self.run_layer(layer, x)
+                    with torch.enable_grad(), recompute.for_backward():  # as a recorded backward will run it
                         xr = x.detach().requires_grad_(True)
                         before = torch.cuda.memory_allocated()
                         out, targets = self._run_with_grad(i, xr)
                         if layer_bytes is None:  # what keeping this layer's activations costs
                             layer_bytes = torch.cuda.memory_allocated() - before
                         torch.autograd.grad(out, [xr] + targets, grad_outputs=torch.ones_like(out), allow_unused=True)
-                    x = out.detach()
+                    x = nxt  # the forward's output (a recompute's skips the MLP's down projection)
         torch.cuda.current_stream().wait_stream(side)
         return layer_bytes
 
