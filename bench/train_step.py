@@ -14,7 +14,9 @@ with True, ``velotune_auto`` with "auto" (the planner; budget: the free memory),
 (graphs.AUTO_OFFLOAD_ON_CUDA), ``velotune_auto_equal`` with Unsloth's measured peak as the budget (and the
 rest offloaded), ``velotune_expandable`` = ``velotune`` with the allocator's expandable segments on
 (``PYTORCH_ALLOC_CONF``, before torch 2.10 ``PYTORCH_CUDA_ALLOC_CONF``: what Unsloth sets for its own process at
-import, so its peak reserved is measured with them; velotune leaves the allocator as the user set it).
+import, so its peak reserved is measured with them; velotune leaves the allocator as the user set it),
+``velotune_noskip`` = ``velotune`` with its recomputes running the MLP's down projection too
+(``models.recompute.SKIP_MLP_OUTPUT = False``: what the skip saves).
 velotune's optimizer is bitsandbytes' AdamW8bit through ``without_host_syncs``, as velotune's SFTTrainer builds
 it (its 8-bit updates called directly,
 velotune.training.optim.DIRECT_ON_CUDA; rows of the peers ``velotune_direct`` / ``velotune_auto_direct`` in
@@ -38,11 +40,11 @@ from _peers import fast_model, hf_model
 
 PEERS = ["velotune", "velotune_eager", "velotune_auto", "velotune_auto_resident", "velotune_auto_16g",
          "velotune_auto_16g_offload", "velotune_auto_equal", "velotune_recompute", "velotune_expandable",
-         "hf", "unsloth", "liger"]
+         "velotune_noskip", "hf", "unsloth", "liger"]
 # use_gradient_checkpointing per peer: the seed's (and Unsloth's) "unsloth" = offloaded checkpointing
 GC = {"velotune": "unsloth", "velotune_eager": "unsloth", "velotune_auto": "auto", "velotune_auto_resident": "auto",
       "velotune_auto_16g": "auto", "velotune_auto_16g_offload": "auto", "velotune_auto_equal": "auto",
-      "velotune_recompute": True, "velotune_expandable": "unsloth",
+      "velotune_recompute": True, "velotune_expandable": "unsloth", "velotune_noskip": "unsloth",
       "unsloth": "unsloth", "hf": True, "liger": True}
 
 
@@ -57,6 +59,10 @@ def load_peer(peer: str, ckpt: str, seq: int):
     if peer.startswith("velotune"):
         from velotune import set_cuda_graphs
         from velotune.models import graphs, offload
+        if peer == "velotune_noskip":  # recomputes run the MLP's down projection too (as before 2026-11-28)
+            from velotune.models import recompute
+
+            recompute.SKIP_MLP_OUTPUT = False
         if peer == "velotune_auto_resident":  # "auto" holding the 4-bit weights dequantised (the default since
             graphs.RESIDENT_ON_CUDA = True  # 2026-11-28; this peer says so whatever the default)
         if not (graphs.KEEP_ON_CUDA and offload.ENABLED_ON_CUDA):
