@@ -218,7 +218,10 @@ def test_gemma2_eval_logits_and_packed_rows(tiny_dir):
     torch.testing.assert_close(loss_packed, sum(losses) / sum(counts), rtol=1e-5, atol=1e-6)
 
 
-def test_gemma2_loads_with_exact_attention_by_default(tiny_dir, notices):
+def test_gemma2_loads_with_exact_attention_by_default(tiny_dir, notices, monkeypatch):
+    from velotune import _notices
+
+    monkeypatch.setattr(_notices, "_said", set())  # said once per process: other tests load Gemma-2 too
     model, _ = FastLanguageModel.from_pretrained(tiny_dir("gemma2"), load_in_4bit=False, max_seq_length=128)
     assert model.config._attn_implementation == "eager"
     assert any("soft-caps its attention logits" in m for m in notices)

@@ -23,6 +23,7 @@ own module: same math, unfused. Unknown families keep the HF backbone and get th
 """
 from __future__ import annotations
 
+import contextlib
 import types
 
 import torch
@@ -366,10 +367,24 @@ def _backbone(self, spec, input_ids, attention_mask, position_ids):
             x = offload_mod.offloaded_layer(lambda m, h, ap=attn_plan: _layer(m, h, plan, ap), layer, x,
                                             ahead=any(offloaded[i + 1:]))
         elif gc:
-            x = checkpoint(step, layer, x, plan, attn_plan, use_reentrant=False)
+            x = checkpoint(_recomputed(step), layer, x, plan, attn_plan, use_reentrant=False)
         else:
             x = step(layer, x, plan, attn_plan)
     return _norm(x, backbone.norm, plan)
+
+
+def _recomputed(step):
+    """``step`` for torch's checkpoint: its first call is the forward, any later one the recompute in
+    backward, run as such (models/recompute.py: the MLP's down projection skipped; what the recompute saves
+    for backward, which torch's checkpoint compares with the forward's, is the same)."""
+    calls = []
+
+    def run(*args):
+        with recompute.for_backward() if calls else contextlib.nullcontext():
+            calls.append(1)
+            return step(*args)
+
+    return run
 
 
 # ------------------------------------------------------------------------------------------ FSDP2

@@ -11,8 +11,9 @@ reads. Layers whose MLP output goes through another op before the residual add (
 norm, whose backward reads it) compute it as usual: the decoder decides per layer.
 
 The recomputes that say so: the CUDA graphs' recorded backward of a layer that did not keep its
-activations (models/graphs.py) and the offloaded checkpoint's backward (models/offload.py). torch's own
-checkpoint (the eager recompute path) does not: its recompute must save what the first forward saved.
+activations (models/graphs.py), the offloaded checkpoint's backward (models/offload.py) and torch's own
+checkpoint on the eager path (FSDP2 layers, graphs off; its recompute saves for backward what the forward
+saved, as that checkpoint checks: the skipped product is never saved).
 
 ``SKIP_MLP_OUTPUT`` is the kill switch (False: the recompute computes everything, as the forward did).
 """
