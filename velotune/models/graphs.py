@@ -28,9 +28,9 @@ per-call inputs are static copies refilled every call (STATIC_INPUTS_ON_CUDA: th
 only plain causal attention with positions 0..T-1 is recorded). A capture
 costs about two eager steps and is kept per batch shape (up to 8 shapes; their static buffers are
 shared, sized for batch x max_seq_length); ``mode="auto"`` records the first 8 shapes it sees and then
-stops recording new ones (a shape dropped since, when the shared buffers grew for a longer batch, is recorded
-again) (batches whose length changes every step gain nothing: pad them to a few
-fixed lengths, as SFTTrainer does). Otherwise the eager path runs, unchanged.
+stops recording new ones; a shape dropped since, when the shared buffers grew for a longer batch, is recorded
+again. Batches whose length changes every step gain nothing: pad them to a few fixed lengths, as SFTTrainer
+does. Otherwise the eager path runs, unchanged.
 
 Measured (H200, 1B shape, bs 2 x 2048, bench/run_train_step.py): 47.8K tokens/s with graphs vs 16.8K
 eager and Unsloth 21.3K in the same session. A capture attempted at the *second* step of the
@@ -196,8 +196,8 @@ def _pending_grad_bytes(params: list, arena: "_Arena") -> int:
     for ps in params:
         for j, p in enumerate(ps):
             nbytes = p.numel() * p.element_size()
-            buf = arena.flat.get((("g", k + j), p.dtype, str(p.device)))
-            total += (nbytes if buf is None or buf.numel() < p.numel() else 0) + (nbytes if p.grad is None else 0)
+            held = arena.holds(("g", k + j), p.numel(), p.dtype, p.device)
+            total += (0 if held else nbytes) + (nbytes if p.grad is None else 0)
         k += len(ps)
     return total
 
@@ -206,7 +206,7 @@ def _say_if_short(budget, total: int, need: int) -> None:
     """Tell the user (once per budget) when an explicit "auto" budget is below ``need``: what the step holds
     with no layer keeping its activations (plan_keep's count: in use, the gradients still to come, two
     layers' recompute temporaries and the layer-input buffers)."""
-    limit = budget * total if isinstance(budget, float) and budget <= 1.0 else int(budget)
+    limit = _budget_bytes(budget, total)
     if limit < need:
         say_once(f"budget-short-{limit}", f"memory planner: the budget of {limit / 2**30:.2f} GiB is less than this "
                  f"step needs with no layer keeping its activations (~{need / 2**30:.2f} GiB: weights and adapters, "
@@ -224,8 +224,12 @@ def _usable(layer_bytes: int, budget, mem_info, in_use: int = 0) -> float:
     free, total = mem_info
     if budget is None:
         return free - max(_AUTO_RESERVE * total, _AUTO_RESERVE_MIN) - 2 * layer_bytes
-    limit = budget * total if isinstance(budget, float) and budget <= 1.0 else int(budget)
-    return min(free, limit - in_use) - 2 * layer_bytes
+    return min(free, _budget_bytes(budget, total) - in_use) - 2 * layer_bytes
+
+
+def _budget_bytes(budget, total: int):
+    """A memory budget in bytes: ``budget`` bytes (an int), or that fraction of the card's ``total`` (a float <= 1)."""
+    return budget * total if isinstance(budget, float) and budget <= 1.0 else int(budget)
 
 
 def plan_spare(policy: str, keep: list, layer_bytes, budget=None, mem_info=None, input_bytes: int = 0,
@@ -260,6 +264,11 @@ class _Arena:
         self.flat: dict = {}
         self.generation = 0
         self.forwards = 0  # stack forwards run through any set: one backward may follow each
+
+    def holds(self, name, numel: int, dtype, device) -> bool:
+        """Whether ``view(name, ...)`` of ``numel`` elements would reuse a buffer already allocated."""
+        buf = self.flat.get((name, dtype, str(device)))
+        return buf is not None and buf.numel() >= numel
 
     def view(self, name, shape, dtype, device, min_numel: int = 0, pin: bool = False) -> torch.Tensor:
         n = int(math.prod(shape))
