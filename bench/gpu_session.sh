@@ -4,7 +4,7 @@
 # still returns the first answers.
 # The device's copy of the tree carries a stale .git: pass the commit, VELOTUNE_COMMIT=$(git rev-parse --short HEAD)
 # (+dirty for uncommitted changes), in the command, or the rows record the wrong one.
-#   OUT=/tmp/out bash bench/gpu_session.sh [tests|new|train1b|train8b|memory|packing|workflow|decode|all|long|probe|ddp|fsdp70b|gguf]...
+#   OUT=/tmp/out bash bench/gpu_session.sh [tests|new|attention|train1b|train8b|memory|packing|workflow|decode|all|long|probe|ddp|fsdp70b|gguf]...
 # (several stages run in the order given)
 set -u
 OUT=${OUT:-/tmp/velotune-gpu}
@@ -22,12 +22,15 @@ if [[ $what == new ]]; then  # the GPU paths written without a GPU (2026-11-28, 
     -k "padding_free_rows or warm_up_memory or bitwise_bitsandbytes or recorded_decode or long_context_paths or capture_after_eager or gpu_compiled or host_memory_model or held_4bit or bnb_gemv or offloads_the_rest" tests/kernels/test_nf4_matmul.py tests/test_optim.py 2>&1 | tail -15 | tee "$OUT/tests-new.txt"
 fi
 if [[ $what == train1b || $what == all ]]; then
-  timeout 420 python bench/run_train_step.py --shapes 1b --peers velotune velotune_noskip velotune_expandable velotune_auto unsloth hf liger \
+  timeout ${LIMIT:-420} python bench/run_train_step.py --shapes 1b --peers ${PEERS:-velotune velotune_noskip velotune_expandable velotune_auto unsloth hf liger} \
     --results "$OUT/train_step.jsonl" --workdir /tmp/vb --timeout 150 2>&1 | grep "\[bench\]\|graphs" | tee "$OUT/train1b.txt"
 fi
 if [[ $what == train8b || $what == all ]]; then
-  timeout 560 python bench/run_train_step.py --shapes 8b --peers velotune velotune_noskip velotune_expandable velotune_auto velotune_auto_equal unsloth hf liger \
+  timeout ${LIMIT:-560} python bench/run_train_step.py --shapes 8b --peers ${PEERS:-velotune velotune_noskip velotune_expandable velotune_auto velotune_auto_equal unsloth hf liger} \
     --results "$OUT/train_step.jsonl" --workdir /tmp/vb --timeout 200 2>&1 | grep "\[bench\]\|graphs" | tee "$OUT/train8b.txt"
+fi
+if [[ $what == attention ]]; then  # SDPA backends (flash / cuDNN / efficient) at the 8B attention shape, and their bf16 error
+  timeout 150 python bench/kernels/attention.py --lengths ${LENGTHS:-2048 16384 65536 131072} --out "$OUT/attention.jsonl" 2>&1 | tee "$OUT/attention.txt"
 fi
 if [[ $what == memory ]]; then  # where the seed step's GPU memory goes (1B and 8B, velotune and Unsloth): segments, callers
   python -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; from run_train_step import make_checkpoint
