@@ -74,7 +74,7 @@ def test_off_lines_say_why(monkeypatch):
 def test_switched_off_gpu_paths_are_listed(monkeypatch):
     from velotune.cli import env
     from velotune.kernels import lora, nf4_matmul
-    from velotune.models import generation, graphs, offload, recompute
+    from velotune.models import attention, generation, graphs, offload, recompute
     from velotune.training import optim
 
     assert env._pending_line(cuda=False) == "GPU paths: n/a (no CUDA GPU)"
@@ -83,10 +83,12 @@ def test_switched_off_gpu_paths_are_listed(monkeypatch):
     assert "few-row 4-bit matmul" in line and "optimizer updates called directly" not in line
     assert "parameter views" not in line and "held dequantised" not in line
     assert "4-bit GEMV" not in line and "does not keep" not in line and "unread down" not in line
+    assert "cuDNN" not in line
     for mod, attr in ((offload, "ENABLED_ON_CUDA"), (graphs, "KEEP_ON_CUDA"), (graphs, "STATIC_INPUTS_ON_CUDA"),
                       (generation, "DECODE_ON_CUDA"), (nf4_matmul, "ON_CUDA"), (graphs, "PARAM_VIEWS"),
                       (graphs, "RESIDENT_ON_CUDA"), (lora, "BNB_GEMV_ON_CUDA"), (graphs, "AUTO_OFFLOAD_ON_CUDA"),
-                      (optim, "DIRECT_ON_CUDA"), (recompute, "SKIP_MLP_OUTPUT")):
+                      (optim, "DIRECT_ON_CUDA"), (recompute, "SKIP_MLP_OUTPUT"),
+                      (attention, "PREFER_CUDNN")):
         monkeypatch.setattr(mod, attr, True)
     assert env._pending_line(cuda=True) == "GPU paths: all on"
     monkeypatch.setattr(offload, "ENABLED_ON_CUDA", False)

@@ -37,6 +37,8 @@ def parse_args(description: str) -> argparse.Namespace:
 
 
 def _commit() -> str:
+    if os.environ.get("VELOTUNE_COMMIT"):  # device copies carry a stale .git: the caller names the commit
+        return os.environ["VELOTUNE_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                               text=True, check=True).stdout.strip()

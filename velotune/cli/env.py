@@ -106,7 +106,7 @@ def _graphs_line(cuda: bool) -> str:
 def _pending_line(cuda: bool) -> str:
     """The GPU paths switched off by their kill-switch flag (all on by default, each GPU-tested)."""
     from ..kernels import lora, nf4_matmul
-    from ..models import decode_graphs, generation, graphs, offload, recompute
+    from ..models import attention, decode_graphs, generation, graphs, offload, recompute
     from ..training import optim
 
     flags = {"offloaded checkpointing": offload.ENABLED_ON_CUDA, "memory planner / no-recompute graphs":
@@ -118,7 +118,8 @@ def _pending_line(cuda: bool) -> str:
              "auto: inputs of the layers it does not keep in host memory": graphs.AUTO_OFFLOAD_ON_CUDA,
              "parameter views in recorded backwards (outside DDP)": graphs.PARAM_VIEWS is not False,
              "8-bit optimizer updates called directly": optim.DIRECT_ON_CUDA,
-             "recomputes skip the unread down projection": recompute.SKIP_MLP_OUTPUT}
+             "recomputes skip the unread down projection": recompute.SKIP_MLP_OUTPUT,
+             "causal attention through cuDNN first": attention.PREFER_CUDNN}
     waiting = [name for name, on in flags.items() if not on]
     if not cuda:
         return "GPU paths: n/a (no CUDA GPU)"
