@@ -582,7 +582,8 @@ def test_sdpa_prefers_cudnn(head_dim):
     scale = head_dim ** -0.5
     assert A.prefers_cudnn(q32, k32, None)
     with sdpa_kernel(A._cudnn_first(), set_priority=True):
-        choice = torch._fused_sdp_choice(q32.bfloat16(), k32.bfloat16(), v32.bfloat16(), None, 0.0, True, scale, True)
+        choice = torch._fused_sdp_choice(q32.bfloat16(), k32.bfloat16(), v32.bfloat16(), None, 0.0, True, scale=scale,
+                                          enable_gqa=True)
     assert choice == SDPBackend.CUDNN_ATTENTION.value
 
     def run(fn, dtype):
