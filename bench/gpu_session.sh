@@ -23,11 +23,11 @@ if [[ $what == new ]]; then  # the GPU paths written without a GPU (2026-11-28, 
 fi
 if [[ $what == train1b || $what == all ]]; then
   timeout ${LIMIT:-420} python bench/run_train_step.py --shapes 1b --peers ${PEERS:-velotune velotune_noskip velotune_expandable velotune_auto unsloth hf liger} \
-    --results "$OUT/train_step.jsonl" --workdir /tmp/vb --timeout 150 2>&1 | grep "\[bench\]\|graphs" | tee "$OUT/train1b.txt"
+    --results "$OUT/train_step.jsonl" --workdir /tmp/vb --timeout 150 2>&1 | grep --line-buffered "\[bench\]\|graphs" | tee "$OUT/train1b.txt"
 fi
 if [[ $what == train8b || $what == all ]]; then
   timeout ${LIMIT:-560} python bench/run_train_step.py --shapes 8b --peers ${PEERS:-velotune velotune_noskip velotune_expandable velotune_auto velotune_auto_equal unsloth hf liger} \
-    --results "$OUT/train_step.jsonl" --workdir /tmp/vb --timeout 200 2>&1 | grep "\[bench\]\|graphs" | tee "$OUT/train8b.txt"
+    --results "$OUT/train_step.jsonl" --workdir /tmp/vb --timeout 200 2>&1 | grep --line-buffered "\[bench\]\|graphs" | tee "$OUT/train8b.txt"
 fi
 if [[ $what == attention ]]; then  # SDPA backends (flash / cuDNN / efficient) at the 8B attention shape, and their bf16 error
   timeout 150 python bench/kernels/attention.py --lengths ${LENGTHS:-2048 16384 65536 131072} --out "$OUT/attention.jsonl" 2>&1 | tee "$OUT/attention.txt"
@@ -41,31 +41,31 @@ for s in ('1b', '8b'): make_checkpoint(s, Path('/tmp/vb/llama-' + s))"
   done; done
 fi
 if [[ $what == packing || $what == all ]]; then
-  timeout 420 python bench/packing.py --shape 1b --results "$OUT/packing.jsonl" --workdir /tmp/vb 2>&1 | grep "\[packing\]" | tee "$OUT/packing.txt"
+  timeout 420 python bench/packing.py --shape 1b --results "$OUT/packing.jsonl" --workdir /tmp/vb 2>&1 | grep --line-buffered "\[packing\]" | tee "$OUT/packing.txt"
 fi
 if [[ $what == workflow ]]; then  # the seed's SFTTrainer workflow on each stack (loss logged every step), padded and packed
   timeout 560 python bench/packing.py --shape ${SHAPE:-1b} --examples ${EXAMPLES:-512} --logging-steps 1 \
     --modes padded padfree unsloth_padded hf_padded packed unsloth_packed --timeout 150 --results "$OUT/packing.jsonl" \
-    --workdir /tmp/vb 2>&1 | grep "\[packing\]" | tee "$OUT/workflow.txt"
+    --workdir /tmp/vb 2>&1 | grep --line-buffered "\[packing\]" | tee "$OUT/workflow.txt"
 fi
 if [[ $what == long ]]; then  # not in "all": a 400K-token step is minutes; one call per length set
   timeout 590 python bench/long_context.py --peers ${PEERS:-velotune} --lengths ${LENGTHS:-131072 262144} \
-    --results "$OUT/long_context.jsonl" --workdir /tmp/vb 2>&1 | grep "\[long\]" | tee "$OUT/long.txt"
+    --results "$OUT/long_context.jsonl" --workdir /tmp/vb 2>&1 | grep --line-buffered "\[long\]" | tee "$OUT/long.txt"
 fi
 if [[ $what == probe ]]; then  # long context, 2 of the 8B layers: working memory and time per layer
   timeout 300 python bench/long_context.py --layers 2 --peers ${PEERS:-velotune unsloth} \
     --lengths ${LENGTHS:-131072 262144 409600 524288} --timeout 150 --results "$OUT/long_context.jsonl" --workdir /tmp/vb 2>&1 \
-    | grep "\[long\]" | tee "$OUT/probe.txt"
+    | grep --line-buffered "\[long\]" | tee "$OUT/probe.txt"
 fi
 if [[ $what == ddp ]]; then  # a multi-GPU machine (kind nvidia-h100-x2): 1 vs GPUS ranks, DDP then FSDP2
   timeout 260 python bench/ddp_scaling.py --shape 8b --gpus ${GPUS:-2} --timeout 120 --results "$OUT/ddp_scaling.jsonl" \
-    --workdir /tmp/vb 2>&1 | grep "\[ddp\]\|CUDA graphs" | tee "$OUT/ddp.txt"
+    --workdir /tmp/vb 2>&1 | grep --line-buffered "\[ddp\]\|CUDA graphs" | tee "$OUT/ddp.txt"
   timeout 200 python bench/ddp_scaling.py --shape 8b --gpus ${GPUS:-2} --mode fsdp --timeout 95 --warmup 2 --steps 6 \
-    --results "$OUT/ddp_scaling.jsonl" --workdir /tmp/vb 2>&1 | grep "\[ddp\]" | tee -a "$OUT/ddp.txt"
+    --results "$OUT/ddp_scaling.jsonl" --workdir /tmp/vb 2>&1 | grep --line-buffered "\[ddp\]" | tee -a "$OUT/ddp.txt"
 fi
 if [[ $what == fsdp70b ]]; then  # issue #8: Llama-70B shape (SHAPE=123b: Mistral-Large), FSDP2 QLoRA on 2 ranks capped at 79 GiB
   timeout 560 python bench/ddp_scaling.py --shape ${SHAPE:-70b} --mode fsdp --gpus ${GPUS:-2} --worlds ${WORLDS:-2} --cap-gib ${CAP:-79} --host-load \
-    --warmup 2 --steps 4 --timeout 420 --results "$OUT/ddp_scaling.jsonl" --workdir /tmp/vb 2>&1 | grep "\[ddp\]\|velotune\|Error" | tee "$OUT/fsdp70b.txt"
+    --warmup 2 --steps 4 --timeout 420 --results "$OUT/ddp_scaling.jsonl" --workdir /tmp/vb 2>&1 | grep --line-buffered "\[ddp\]\|velotune\|Error" | tee "$OUT/fsdp70b.txt"
 fi
 if [[ $what == gguf ]]; then  # issue #5: q4_k_m of an 8B-shape model end to end (target <= 2 min on the GPU)
   timeout 200 python bench/gguf_quant.py --devices cuda --export-8b /tmp/vb/gguf8b --append "$OUT/gguf_quant.jsonl" 2>&1 \
@@ -78,6 +78,6 @@ make_checkpoint('8b', Path('/tmp/vb/llama-8b'))"
 fi
 if [[ $what == decode || $what == all ]]; then
   timeout 420 python bench/decode.py --shapes 8b --peers ${PEERS:-velotune_bnbgemv velotune_graphs velotune_gemv velotune hf unsloth hf_static} --new ${NEW:-256} --results "$OUT/decode.jsonl" \
-    --workdir /tmp/vb 2>&1 | grep "\[decode\]" | tee "$OUT/decode.txt"
+    --workdir /tmp/vb 2>&1 | grep --line-buffered "\[decode\]" | tee "$OUT/decode.txt"
 fi
 done
