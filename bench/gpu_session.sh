@@ -30,7 +30,7 @@ if [[ $what == train8b || $what == all ]]; then
     --results "$OUT/train_step.jsonl" --workdir /tmp/vb --timeout 200 2>&1 | grep --line-buffered "\[bench\]\|graphs" | tee "$OUT/train8b.txt"
 fi
 if [[ $what == attention ]]; then  # SDPA backends (flash / cuDNN / efficient) at the 8B attention shape, and their bf16 error
-  timeout 150 python bench/kernels/attention.py --lengths ${LENGTHS:-2048 16384 65536 131072} --out "$OUT/attention.jsonl" 2>&1 | tee "$OUT/attention.txt"
+  timeout 200 python bench/kernels/attention.py --head-dims ${HEAD_DIMS:-128 64} --lengths ${LENGTHS:-2048 16384 65536 131072} --out "$OUT/attention.jsonl" 2>&1 | tee "$OUT/attention.txt"
 fi
 if [[ $what == memory ]]; then  # where the seed step's GPU memory goes (1B and 8B, velotune and Unsloth): segments, callers
   python -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; from run_train_step import make_checkpoint
@@ -49,7 +49,7 @@ if [[ $what == workflow ]]; then  # the seed's SFTTrainer workflow on each stack
     --workdir /tmp/vb 2>&1 | grep --line-buffered "\[packing\]" | tee "$OUT/workflow.txt"
 fi
 if [[ $what == long ]]; then  # not in "all": a 400K-token step is minutes; one call per length set
-  timeout 590 python bench/long_context.py --peers ${PEERS:-velotune} --lengths ${LENGTHS:-131072 262144} \
+  timeout 590 python bench/long_context.py --prequantized --peers ${PEERS:-velotune} --lengths ${LENGTHS:-131072 262144} \
     --results "$OUT/long_context.jsonl" --workdir /tmp/vb 2>&1 | grep --line-buffered "\[long\]" | tee "$OUT/long.txt"
 fi
 if [[ $what == probe ]]; then  # long context, 2 of the 8B layers: working memory and time per layer

@@ -147,6 +147,9 @@ def main() -> int:
     p.add_argument("--cap-gib", type=float, default=79.0, help="GPU memory limit (0: the whole card)")
     p.add_argument("--alloc-conf", default="expandable_segments:True", help="PYTORCH_CUDA_ALLOC_CONF of every peer")
     p.add_argument("--layers", type=int, default=None, help="probe: the 8B widths with this many layers")
+    p.add_argument("--prequantized", action="store_true",
+                   help="build the checkpoint in 4 bits on the GPU (run_train_step.make_4bit_checkpoint): ~1/3 of the "
+                        "bytes to write and read, no quantisation at load; a long step's call keeps that time")
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "velotune-bench"))
     args = p.parse_args()
     if args.alloc_conf:  # before torch is imported (the children import it)
@@ -162,8 +165,14 @@ def main() -> int:
         ckpt = bench_checkpoint("tiny", work)
     else:  # the declared context covers the longest length (Llama-3's RoPE tables are computed per position)
         layers = {"num_hidden_layers": args.layers} if args.layers else {}
-        ckpt = bench_checkpoint(args.shape, work, f"llama-{args.shape}-long{args.layers or ''}",
-                                max_position_embeddings=max(1 << 20, *args.lengths), **layers)
+        name = f"llama-{args.shape}-long{args.layers or ''}"
+        fields = dict(max_position_embeddings=max(1 << 20, *args.lengths), **layers)
+        if args.prequantized:
+            from run_train_step import make_4bit_checkpoint
+
+            ckpt = make_4bit_checkpoint(args.shape, work / f"{name}-nf4", **fields)
+        else:
+            ckpt = bench_checkpoint(args.shape, work, name, **fields)
     print(f"[long] checkpoint ready at {time.strftime('%X')}", flush=True)
     card, run_id, vers = run_context(args.device)
     for peer in args.peers:
