@@ -32,6 +32,15 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _cudnn_shapes_per_test(monkeypatch):
+    """Each test starts with no attention shape counted against cuDNN's limit (models/attention.py), so
+    a test's paths run the same backend whatever ran before it in the process."""
+    from velotune.models import attention
+
+    monkeypatch.setattr(attention, "_cudnn_shapes", set())
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """Factory: tiny_dir(family) -> folder of a tiny random-init checkpoint (built once per session)."""

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from velotune.models import attention as A
 
 
-def _fake(device: str, numel: int):
-    return SimpleNamespace(device=torch.device(device), numel=lambda: numel)
+def _fake(device: str, numel: int, t: int = 8):
+    return SimpleNamespace(device=torch.device(device), numel=lambda: numel, shape=(1, 4, t, 16), dtype=torch.bfloat16)
 
 
 def test_cudnn_first_only_for_causal_cuda_calls_within_32_bit_indexing(monkeypatch):
@@ -41,6 +41,22 @@ def test_cudnn_first_without_a_priority_order_is_torchs_order(monkeypatch):
         assert not A.prefers_cudnn(_fake("cuda", 1000), _fake("cuda", 250), None)
     finally:
         A._cudnn_first.cache_clear()
+
+
+def test_cudnn_first_for_at_most_a_few_shapes_said_once(monkeypatch, notices):
+    """cuDNN builds a plan per shape: the first CUDNN_MAX_SHAPES distinct shapes keep it (and keep it when
+    they come back), later ones take torch's order, and the notice says why and what to do, once."""
+    from velotune import _notices
+
+    monkeypatch.setattr(_notices, "_said", set())
+    monkeypatch.setattr(A, "CUDNN_MAX_SHAPES", 3)
+    k = _fake("cuda", 250)
+    assert [A.prefers_cudnn(_fake("cuda", 1000, t), k, None) for t in (8, 16, 8, 24)] == [True] * 4
+    assert not A.prefers_cudnn(_fake("cuda", 1000, 32), k, None)
+    assert not A.prefers_cudnn(_fake("cuda", 1000, 40), k, None)
+    assert A.prefers_cudnn(_fake("cuda", 1000, 16), k, None)  # seen: still cuDNN
+    said = [m for m in notices if "distinct batch shapes" in m]
+    assert len(said) == 1 and "Pad batches to a few lengths" in said[0]
 
 
 @pytest.mark.parametrize("gqa", [True, False])

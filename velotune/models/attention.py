@@ -139,6 +139,12 @@ def varlen_attention(q, k, v, segments: Segments, scale: float):
 PREFER_CUDNN = True
 # cuDNN indexes its tensors with 32-bit offsets: above this many elements per tensor, torch's order runs
 _CUDNN_MAX_ELEMENTS = 2**31 - 1
+# cuDNN builds an execution plan for each new shape (forward and backward: tens to hundreds of ms each,
+# reported by other projects), cached for the process. Training batches padded to a few lengths (velotune's
+# SFTTrainer does so whenever CUDA graphs train) meet few shapes; a run of arbitrary lengths would pay a build
+# per length, so past this many distinct shapes new ones take torch's order (said once).
+CUDNN_MAX_SHAPES = 16
+_cudnn_shapes: set = set()
 
 
 @functools.lru_cache(maxsize=1)
@@ -156,9 +162,22 @@ def _cudnn_first():
 
 def prefers_cudnn(q, k, mask) -> bool:
     """Whether :func:`sdpa` puts cuDNN first for this call: CUDA, causal (no explicit mask), every tensor
-    under cuDNN's 32-bit indexing, and a torch that takes a priority order."""
-    return (PREFER_CUDNN and q.device.type == "cuda" and mask is None
-            and max(q.numel(), k.numel()) <= _CUDNN_MAX_ELEMENTS and _cudnn_first() is not None)
+    under cuDNN's 32-bit indexing, a torch that takes a priority order, and a shape cuDNN has seen or one
+    of the first ``CUDNN_MAX_SHAPES``."""
+    if not (PREFER_CUDNN and q.device.type == "cuda" and mask is None
+            and max(q.numel(), k.numel()) <= _CUDNN_MAX_ELEMENTS and _cudnn_first() is not None):
+        return False
+    key = (tuple(q.shape), tuple(k.shape), q.dtype)
+    if key in _cudnn_shapes:
+        return True
+    if len(_cudnn_shapes) >= CUDNN_MAX_SHAPES:
+        say_once("cudnn-shapes", f"attention: more than {CUDNN_MAX_SHAPES} distinct batch shapes; further shapes run "
+                 "torch's default SDPA backend (FlashAttention) rather than cuDNN, which builds a plan per shape. "
+                 "Pad batches to a few lengths to keep cuDNN for all (velotune's SFTTrainer does so when CUDA "
+                 "graphs train)")
+        return False
+    _cudnn_shapes.add(key)
+    return True
 
 
 def sdpa(q, k, v, mask, scale: float, dropout: float):
