@@ -252,8 +252,9 @@ def attention_section() -> list[str]:
            f"bench/kernels/attention.py on {card}, torch {rs[-1]['torch']}, commit {commit}: each backend alone "
            "(`sdpa_kernel`), median ms; TFLOP/s counts causal FLOPs (2·B·H·T²·d forward, 3.5x that forward + "
            "backward). velotune's causal path asks torch for cuDNN first (`models/attention.py`, `PREFER_CUDNN`).", "",
-           "| d | B × T | backend | GQA | forward ms | forward + backward ms | f+b TFLOP/s | f+b peak MiB |",
-           "| ---: | --- | --- | --- | ---: | ---: | ---: | ---: |"]
+           "| d | B × T | backend | GQA | forward ms | forward + backward ms | f+b TFLOP/s | f+b peak MiB | "
+           "first f+b call ms |",
+           "| ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     timed = _group([r for r in rs if r["mode"] in ("fwd", "f+b")], lambda r: (tuple(r["shape"]), r["case"]))
     for (shape, case), group in timed.items():
         by = {r["mode"]: r for r in group}
@@ -261,7 +262,8 @@ def attention_section() -> list[str]:
         backend, gqa = case.rsplit("_", 1)
         fb = by.get("f+b", {})
         out.append(f"| {d} | {b} × {t} | {backend} | {gqa} | {_fmt(by.get('fwd', {}).get('ms'), 2)} | "
-                   f"{_fmt(fb.get('ms'), 2)} | {_fmt(fb.get('tflops'), 0)} | {_fmt(fb.get('peak_mib'), 0)} |")
+                   f"{_fmt(fb.get('ms'), 2)} | {_fmt(fb.get('tflops'), 0)} | {_fmt(fb.get('peak_mib'), 0)} | "
+                   f"{_fmt(fb.get('first_ms'), 1)} |")
     errs = [r for r in rs if r["mode"] == "error"]
     if errs:
         out += ["", "bf16 error against fp32 (math backend) at 1 × 4096: max abs error / max abs of the reference.", "",

@@ -9,7 +9,8 @@ each backend's bf16 error against an fp32 reference at 1 x 4096 (output and the 
 error relative to the reference's max abs), so a faster backend is only taken if it is no less exact.
 
     python bench/kernels/attention.py [--head-dims 128 64] [--lengths 2048 16384 65536 131072] [--out bench/kernels/results.jsonl]
-Rows: op "attention", case = backend + gqa mode, mode fwd / f+b, ms, TFLOP/s (causal: 2 x B x H x T^2 x d
+Rows: op "attention", case = backend + gqa mode, mode fwd / f+b, ms, first_ms (the first call at that
+shape, where a backend's per-shape plan build, e.g. cuDNN's, lands), TFLOP/s (causal: 2 x B x H x T^2 x d
 forward, 2.5x that backward), peak MiB; "error" rows carry the relative errors.
 """
 from __future__ import annotations
@@ -40,13 +41,16 @@ def _attend(backend, q, k, v, gqa: str):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa == "native")
 
 
-def _time(fn, reps: int) -> tuple[float, float]:
-    """(median ms over ``reps`` calls after one warm-up call, peak MiB allocated above the start)."""
+def _time(fn, reps: int) -> tuple[float, float, float]:
+    """(median ms over ``reps`` calls after one warm-up call, peak MiB allocated above the start, ms of the
+    warm-up call: the first at this shape, which includes any plan the backend builds for it)."""
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
     fn()
     torch.cuda.synchronize()
+    first = (time.perf_counter() - t0) * 1e3
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20
     times = []
     for _ in range(reps):
@@ -54,7 +58,7 @@ def _time(fn, reps: int) -> tuple[float, float]:
         fn()
         torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2], peak
+    return sorted(times)[len(times) // 2], peak, first
 
 
 def _row(out: Path, **row) -> None:
@@ -123,7 +127,7 @@ def one_head_dim(args, hd: int) -> None:
 
                 for mode, fn, flop in (("fwd", fwd, fwd_flop), ("f+b", both, 3.5 * fwd_flop)):
                     try:
-                        ms, mib = _time(fn, reps)
+                        ms, mib, first = _time(fn, reps)
                     except (RuntimeError, torch.OutOfMemoryError) as e:
                         print(f"attention d{hd:<4}{b}x{t:<7} {name:<10}{gqa:<8}{mode:<5} unavailable: "
                               f"{str(e).splitlines()[0][:80]}")
@@ -131,9 +135,9 @@ def one_head_dim(args, hd: int) -> None:
                         break
                     tflops = flop / ms / 1e9
                     print(f"attention d{hd:<4}{b}x{t:<7} {name:<10}{gqa:<8}{mode:<5}{ms:>10.2f} ms {tflops:>7.0f} TFLOP/s "
-                          f"{mib:>8.0f} MiB")
+                          f"{mib:>8.0f} MiB, first call {first:.1f} ms")
                     _row(args.out, op="attention", case=f"{name}_{gqa}", mode=mode, shape=[b, HQ, HK, t, hd],
-                         dtype="bfloat16", ms=ms, tflops=tflops, peak_mib=mib)
+                         dtype="bfloat16", ms=ms, tflops=tflops, peak_mib=mib, first_ms=first)
 
 
 if __name__ == "__main__":
