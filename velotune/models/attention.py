@@ -141,9 +141,10 @@ PREFER_CUDNN = True
 _CUDNN_MAX_ELEMENTS = 2**31 - 1
 # cuDNN builds an execution plan for each new shape (forward and backward: tens to hundreds of ms each,
 # reported by other projects), cached for the process. Training batches padded to a few lengths (velotune's
-# SFTTrainer does so whenever CUDA graphs train) meet few shapes; a run of arbitrary lengths would pay a build
-# per length, so past this many distinct shapes new ones take torch's order (said once).
-CUDNN_MAX_SHAPES = 16
+# SFTTrainer does so whenever CUDA graphs train: 8 lengths, times the batch sizes an epoch's last batch and
+# evaluation add) meet few shapes; a run of arbitrary lengths would pay a build per length, so past this many
+# distinct shapes new ones take torch's order (said once).
+CUDNN_MAX_SHAPES = 32
 _cudnn_shapes: set = set()
 
 
