@@ -79,6 +79,37 @@ def test_decoder_with_chunked_mlp_trains_like_whole_mlp(tiny_dir, monkeypatch, g
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7, msg=n)
 
 
+@pytest.mark.parametrize("gc_mode", [True, "unsloth"])
+def test_recomputed_chunked_mlp_runs_no_forward(tiny_dir, monkeypatch, gc_mode):
+    """In a checkpoint's recompute (torch's checkpoint; the offloaded checkpoint's backward) the chunked MLP
+    runs no forward chunk (its backward recomputes them from the input anyway): one chunk loop fewer per
+    recomputed layer, and the loss and every gradient bit for bit those with the skip off."""
+    from velotune.models import recompute
+
+    monkeypatch.setattr(offload, "ON_CPU", True)
+    monkeypatch.setattr(chunked, "CHUNK_ROWS", 7)
+    monkeypatch.setattr(chunked, "MLP_CHUNK_ROWS", 16)
+    ids = torch.randint(4, 500, (2, 30), generator=torch.Generator().manual_seed(5))
+    real, loops = chunked._chunks_nograd, []
+    monkeypatch.setattr(chunked, "_chunks_nograd", lambda *a: loops.append(1) or real(*a))
+    runs = {}
+    for skip in (False, True):
+        monkeypatch.setattr(recompute, "SKIP_MLP_OUTPUT", skip)
+        loops.clear()
+        model = _model(tiny_dir, gc_mode)
+        loss = model(input_ids=ids, labels=ids).loss
+        forward_loops = len(loops)
+        loss.backward()
+        runs[skip] = (loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad},
+                      forward_loops, len(loops) - forward_loops)
+    (l0, g0, f0, b0), (l1, g1, f1, b1) = runs[False], runs[True]
+    layers = model.config.num_hidden_layers
+    assert f0 == f1 == layers  # the forward runs every layer's chunks
+    assert b0 >= 1 and b1 == 0  # the recomputes ran them again only with the skip off
+    assert l0 == l1 and g0.keys() == g1.keys()
+    assert all(torch.equal(g0[n], g1[n]) for n in g0)
+
+
 class _FakePin:
     def __init__(self):
         self.registered, self.unregistered = [], []

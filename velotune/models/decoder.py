@@ -173,7 +173,8 @@ def _mlp(layer, h, plan, need_output: bool = True):
         fused = [p[:4] for p in projs]
         if chunked.wants_chunks(h):  # long context: the MLP's [tokens, intermediate] buffers a chunk at a time
             params = [t for p in fused for t in (p[1], p[2]) if t is not None and t.requires_grad]
-            return chunked.row_chunked(lambda rows: lora_mlp(rows, *fused, activation=plan.activation), h, params)
+            return chunked.row_chunked(lambda rows: lora_mlp(rows, *fused, activation=plan.activation), h, params,
+                                       need_output=need_output)
         return lora_mlp(h, *fused, activation=plan.activation, need_output=need_output)
     return mlp(h)
 

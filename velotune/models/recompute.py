@@ -8,7 +8,9 @@ backward needs (saved by the fused MLP), its output is not. Skipping it (``outpu
 layer (Llama-3.1-8B, 4,096 tokens: 0.48 TFLOP, ~9% of the step's GEMM work with recompute); gradients
 are unchanged bit for bit, since the same kernels run on the same values for everything a gradient
 reads. Layers whose MLP output goes through another op before the residual add (Gemma-2's post-MLP
-norm, whose backward reads it) compute it as usual: the decoder decides per layer.
+norm, whose backward reads it) compute it as usual: the decoder decides per layer. At long context, where
+the MLP runs in row chunks (models/chunked.py) and its backward recomputes every chunk from the MLP's input,
+a recompute runs no MLP forward at all (Llama-3.1-8B at 131,072 tokens: ~5% of the step, estimated).
 
 The recomputes that say so: the CUDA graphs' recorded backward of a layer that did not keep its
 activations (models/graphs.py), the offloaded checkpoint's backward (models/offload.py) and torch's own
