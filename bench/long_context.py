@@ -165,14 +165,8 @@ def main() -> int:
         ckpt = bench_checkpoint("tiny", work)
     else:  # the declared context covers the longest length (Llama-3's RoPE tables are computed per position)
         layers = {"num_hidden_layers": args.layers} if args.layers else {}
-        name = f"llama-{args.shape}-long{args.layers or ''}"
-        fields = dict(max_position_embeddings=max(1 << 20, *args.lengths), **layers)
-        if args.prequantized:
-            from run_train_step import make_4bit_checkpoint
-
-            ckpt = make_4bit_checkpoint(args.shape, work / f"{name}-nf4", **fields)
-        else:
-            ckpt = bench_checkpoint(args.shape, work, name, **fields)
+        ckpt = bench_checkpoint(args.shape, work, f"llama-{args.shape}-long{args.layers or ''}", args.prequantized,
+                                max_position_embeddings=max(1 << 20, *args.lengths), **layers)
     print(f"[long] checkpoint ready at {time.strftime('%X')}", flush=True)
     card, run_id, vers = run_context(args.device)
     for peer in args.peers:

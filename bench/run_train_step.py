@@ -126,17 +126,19 @@ def make_4bit_checkpoint(shape: str, folder: Path, device: str = "cuda", **overr
     return folder
 
 
-def bench_checkpoint(shape: str, work: Path, name: str | None = None, **overrides) -> Path:
+def bench_checkpoint(shape: str, work: Path, name: str | None = None, prequantized: bool = False,
+                     **overrides) -> Path:
     """The benchmark checkpoint of ``shape`` in ``work`` (built once, reused): "tiny" (the CPU smoke
-    model), "70b" / "123b" (pre-quantized 4-bit: make_4bit_checkpoint, built on the GPU), else a bf16 random Llama;
-    ``name`` names its folder (default ``llama-{shape}``), ``overrides`` change config fields."""
+    model), "70b" / "123b" or ``prequantized`` (pre-quantized 4-bit: make_4bit_checkpoint, built on the GPU),
+    else a bf16 random Llama; ``name`` names its folder (default ``llama-{shape}``, ``-nf4`` added for 4 bits),
+    ``overrides`` change config fields."""
     work.mkdir(parents=True, exist_ok=True)
     if shape == "tiny":
         from packing import tiny_checkpoint
 
         return tiny_checkpoint(work / (name or "llama-tiny"))
-    if shape in PREQUANTIZED:
-        return make_4bit_checkpoint(shape, work / (name or f"llama-{shape}-nf4"), **overrides)
+    if prequantized or shape in PREQUANTIZED:
+        return make_4bit_checkpoint(shape, work / f"{name or f'llama-{shape}'}-nf4", **overrides)
     return make_checkpoint(shape, work / (name or f"llama-{shape}"), **overrides)
 
 
