@@ -57,6 +57,22 @@ def _progress(peer: str, t: int, t0: float, pool, done) -> None:
               f"(peak {peak:.1f}){host}", flush=True)
 
 
+def _host_now() -> dict | None:
+    """This process's resident host memory by kind after the step (GiB; Linux), the page-locked pool still
+    held: anonymous (the pool's buffers and the heap), file-backed (mapped checkpoint shards, libraries),
+    shared; and the machine's used memory (MemTotal - MemAvailable)."""
+    try:
+        with open("/proc/self/status") as f:
+            out = {k: round(int(v.split()[0]) / 2**20, 1) for k, v in (line.split(":", 1) for line in f)
+                   if k in ("RssAnon", "RssFile", "RssShmem")}
+        with open("/proc/meminfo") as f:
+            m = {line.split(":")[0]: int(line.split()[1]) for line in f if line.split()}
+        out["machine_used"] = round((m["MemTotal"] - m["MemAvailable"]) / 2**20, 1)
+        return out
+    except (OSError, ValueError, KeyError, IndexError):
+        return None
+
+
 def one_peer(args) -> list[dict]:
     import torch
 
@@ -124,6 +140,7 @@ def one_peer(args) -> list[dict]:
                      "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
                      "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
                      "host_peak_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 1),
+                     "host_after_gib": _host_now(),
                      # velotune: seconds spent page-locking new host buffers (once per length), and of those
                      # the seconds the step waited for (the rest ran on the helper thread: offload.PIN_AHEAD)
                      "pinning_s": round(pool.register_s - pinning[0], 2) if pool is not None else None,

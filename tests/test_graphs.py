@@ -155,6 +155,43 @@ def test_auto_leaves_long_batches_eager(tiny_dir, emulate, notices, monkeypatch)
     assert len(graphs.state_of(model.get_base_model()).sets) == 1
 
 
+@pytest.mark.parametrize("gc", [True, "unsloth"])
+def test_auto_sizes_shared_buffers_only_for_batches_it_records(tiny_dir, emulate, monkeypatch, gc):
+    """"auto" records batches of at most AUTO_MAX_TOKENS tokens, so its shared buffers (GPU ring, gradient
+    ping-pong, page-locked host copies of offloaded layer inputs) are sized for at most that many tokens,
+    not for batch x max_seq_length: a long-context run (max_seq_length 409,600) otherwise held ~16 GiB of
+    GPU and ~124 GiB of page-locked host memory for its short warm-up batch's graphs, through its long
+    (eager) step. Forced graphs (True) keep the batch x max_seq_length sizing."""
+    monkeypatch.setattr(graphs, "AUTO_MAX_TOKENS", 100)  # under 2 x max_seq_length (256 tokens)
+    for mode, tokens in (("auto", 100), (True, 2 * 128)):
+        model = _model(tiny_dir, gc=gc)
+        set_cuda_graphs(model, mode)
+        _train(model, 1, shapes={0: (2, 24)})
+        (gs,) = graphs.state_of(model.get_base_model()).sets.values()
+        bufs = [gs.xs[1], gs.dbuf[0]] + ([h for h in gs.host if h is not None] if gc == "unsloth" else [])
+        assert gc != "unsloth" or len(bufs) > 2  # the offloaded layers' host copies are checked too
+        assert {b.untyped_storage().nbytes() for b in bufs} == {tokens * 64 * 4}  # hidden 64, fp32
+
+
+def test_offload_without_host_room_stays_eager_for_that_shape(tiny_dir, emulate, notices, monkeypatch):
+    """Recording the offloaded layers' host copies is checked against the machine's reserve first (page-locked
+    memory cannot be swapped: the out-of-memory killer would end the run without a word). Short: that shape
+    runs eager (the same numbers as without graphs), said once, and is not tried again at every step."""
+    asked = []
+    monkeypatch.setattr(graphs, "_host_has_room", lambda nbytes: asked.append(nbytes) and False)
+    model = _model(tiny_dir, gc="unsloth")
+    graphed = _train(model, 2)
+    st = graphs.state_of(model.get_base_model())
+    assert _captures(model) == 0 and not st.sets and st.broken is None and len(st.no_room) == 1
+    # one check, at the first step: every layer's host copy, each sized for batch 2 x 128 tokens x 64, fp32
+    assert asked == [model.config.num_hidden_layers * 2 * 128 * 64 * 4]
+    assert sum("leave the machine less than its reserve" in m for m in notices) == 1
+    eager = _model(tiny_dir, gc="unsloth")
+    set_cuda_graphs(eager, False)
+    l0, w0 = _train(eager, 2)
+    assert graphed[0] == l0 and all(torch.equal(graphed[1][k], w0[k]) for k in w0)
+
+
 def test_shapes_share_buffers_sized_for_max_seq_length(tiny_dir, emulate):
     """Every shape's static buffers are views of one arena sized for batch x max_seq_length (128 here),
     so more shapes cost no more memory; a longer batch grows it and drops what used the old memory."""

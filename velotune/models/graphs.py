@@ -251,6 +251,20 @@ def _host_has_room(nbytes: int) -> bool:
     return available < 0 or available - nbytes >= max(HOST_RESERVE_GIB * 2**30, 0.05 * total)
 
 
+class HostMemoryShort(Exception):
+    """A graph set's page-locked host copies of offloaded layer inputs would leave the machine less than its
+    reserve (run_stack then runs that batch shape without graphs)."""
+
+    def __init__(self, nbytes: int):
+        super().__init__(f"{nbytes / 2**30:.1f} GiB of page-locked host memory")
+        self.nbytes = nbytes
+
+
+def _pinned_bytes(nbytes: int, emulate: bool) -> int:
+    """Host memory a buffer of ``nbytes`` takes: torch's page-locked allocator rounds up to a power of two."""
+    return nbytes if emulate or nbytes <= 0 else 1 << (nbytes - 1).bit_length()
+
+
 class _Arena:
     """Static buffers shared by every graph set of one model.
 
@@ -332,12 +346,19 @@ class GraphSet:
         mem_info = None if emulate else _free_memory()
         # weights, adapters, ...: inside a budget; and what the first step has yet to allocate for gradients
         in_use = 0 if emulate else torch.cuda.memory_allocated() + _pending_grad_bytes(self.params, arena)
-        input_bytes = max(x_example.numel(), min_numel) * x_example.element_size()  # an arena buffer's size
+        numel = max(x_example.numel(), min_numel)
+        input_bytes = numel * x_example.element_size()  # an arena buffer's size
         # "auto": the layers it does not keep wait in host memory until their backward (instead of on the
         # GPU), when offloading is available here and the host has the room
-        rest = offload_rest and policy == "auto" and _host_has_room(n * input_bytes)
+        rest = offload_rest and policy == "auto" and _host_has_room(n * _pinned_bytes(input_bytes, emulate))
         self.keep = plan_keep(policy, n, self.layer_bytes, budget, mem_info, input_bytes, rest, in_use)
         self.offloaded = [(policy == "offload" or rest) and not kept for kept in self.keep]
+        # the host copies still to take ("offload"), checked like the eager offload's pool: page-locked memory
+        # cannot be swapped, and the kernel's out-of-memory killer would end the process without a word
+        host_need = sum(_pinned_bytes(input_bytes, emulate) for i, off in enumerate(self.offloaded)
+                        if off and not arena.holds(("h", i), numel, dt, "cpu"))
+        if host_need and not _host_has_room(host_need):  # before any buffer is taken
+            raise HostMemoryShort(host_need)
         if policy == "auto" and budget is not None and mem_info is not None and self.layer_bytes:
             none_kept = in_use + 2 * self.layer_bytes + _buffer_bytes([False] * n, input_bytes, rest)
             _say_if_short(budget, mem_info[1], none_kept)
@@ -600,6 +621,7 @@ class _State:
         self.pool = None  # one CUDA graph memory pool for every set (temporaries only)
         self.memory_budget = None  # the "auto" planner's budget (plan_keep)
         self.resident: list = []  # frozen weights held dequantised for the recorded steps (GraphSet.resident)
+        self.no_room: set = set()  # keys of shapes whose host copies did not fit (HostMemoryShort): eager
 
     def __deepcopy__(self, memo):
         return _State(self.mode)  # a copied model records its own graphs (CUDA graphs cannot be copied)
@@ -742,6 +764,8 @@ def run_stack(model, layers, x: torch.Tensor, make_run_layer, key_extra=(), chec
         st.sets.pop(key).close()  # parameters were replaced or (un)frozen: record again
         gs = None
     if gs is None:
+        if key in st.no_room:
+            return None
         if st.mode == "auto" and x.shape[0] * x.shape[1] > AUTO_MAX_TOKENS:
             say_once(f"graphs-long-{id(st)}", f"CUDA graphs: batches of more than {AUTO_MAX_TOKENS} tokens run "
                      "without graphs (no speed to gain at that size, and their memory pool would cost context "
@@ -760,11 +784,24 @@ def run_stack(model, layers, x: torch.Tensor, make_run_layer, key_extra=(), chec
         t = time.perf_counter()
         if st.pool is None and not emulate:
             st.pool = torch.cuda.graph_pool_handle()
+        if st.mode == "auto":
+            # batches over AUTO_MAX_TOKENS run eager: shared buffers sized for a longer one would only hold
+            # memory while that long batch needs it most (at max_seq_length 409,600 on the 8B shape: 16 GiB of
+            # GPU ring and gradient buffers, and 31 x 4 GiB page-locked host buffers, none ever read)
+            max_tokens = min(max_tokens, AUTO_MAX_TOKENS)
         try:
             hold = None if frozen_weights is None else (lambda dtype, spare: _hold(st, frozen_weights(), dtype, spare))
             gs = GraphSet(make_run_layer, layers, x.detach(), ac, emulate, policy, st.arena, st.pool,
                           min_numel=max_tokens * x.shape[-1], budget=st.memory_budget, inputs=inputs,
                           hold_weights=hold, offload_rest=offload_rest and (emulate or AUTO_OFFLOAD_ON_CUDA))
+        except HostMemoryShort as e:  # this shape only, said once; the eager offload keeps its own host reserve
+            st.no_room.add(key)
+            say_once(f"graphs-host-{id(st)}", f"CUDA graphs: recording batch {tuple(x.shape[:2])} would take {e} "
+                     "for the offloaded layer inputs and leave the machine less than its reserve, so batches "
+                     "of that shape run without graphs (same results, slower). More host memory, or a smaller "
+                     "max_seq_length (the graphs' host buffers are sized for it, up to "
+                     f"{AUTO_MAX_TOKENS} tokens), records them")
+            return None
         except Exception as e:  # noqa: BLE001 - any capture failure: say why, stay eager (same numerics)
             st.broken = f"{type(e).__name__}: {e}"
             say(f"CUDA graphs could not be captured ({st.broken[:300]}); training continues without them "
