@@ -23,12 +23,18 @@ def write_result(path, run, failed):
 
 def run_child(cmd: list[str], path, timeout: float, failed):
     """Parent side: run ``cmd`` (a child that writes its JSON result to ``path``) for at most ``timeout``
-    seconds; its result, or ``failed(message)`` when it timed out or wrote nothing readable. A result
-    left at ``path`` by an earlier run is removed first, so it is never read as this one's."""
+    seconds; its result (also when the child wrote it and then overran in its exit, e.g. releasing ~100 GiB
+    of page-locked memory), or ``failed(message)`` when it wrote nothing readable. A result left at ``path``
+    by an earlier run is removed first, so it is never read as this one's."""
     path = Path(path)
     path.unlink(missing_ok=True)
+    late = None
     try:
         subprocess.run(cmd, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired as e:  # its result may be written already: only its exit was slow
+        late = e
+    try:
         return json.loads(path.read_text())
-    except (subprocess.TimeoutExpired, OSError, ValueError) as e:
+    except (OSError, ValueError) as e:
+        e = late or e
         return failed(f"{type(e).__name__}: {e}")

@@ -49,8 +49,9 @@ if [[ $what == workflow ]]; then  # the seed's SFTTrainer workflow on each stack
     --workdir /tmp/vb 2>&1 | grep --line-buffered "\[packing\]" | tee "$OUT/workflow.txt"
 fi
 if [[ $what == long ]]; then  # not in "all": a 400K-token step is minutes; one call per length set
+  # the child's limit under the call's: a child that wrote its row but is slow to exit is stopped, its row kept
   timeout 590 python bench/long_context.py --prequantized --peers ${PEERS:-velotune} --lengths ${LENGTHS:-131072 262144} \
-    --results "$OUT/long_context.jsonl" --workdir /tmp/vb 2>&1 | grep --line-buffered "\[long\]" | tee "$OUT/long.txt"
+    --timeout ${CHILD_LIMIT:-540} --results "$OUT/long_context.jsonl" --workdir /tmp/vb 2>&1 | grep --line-buffered "\[long\]" | tee "$OUT/long.txt"
 fi
 if [[ $what == probe ]]; then  # long context, 2 of the 8B layers: working memory and time per layer
   timeout 300 python bench/long_context.py --layers 2 --peers ${PEERS:-velotune unsloth} \
