@@ -119,9 +119,69 @@ def destroy_at_exit() -> None:
 
 
 def _destroy() -> None:
+    """Tear the process group down while the interpreter still runs: drop the references that would keep
+    its C++ object (and gloo's worker threads) alive, destroy it, collect. Safe to call again, and without
+    a group.
+
+    ``destroy_process_group`` alone only empties torch's registry: DDP's reducer and logger (C++), FSDP2's
+    mesh infos, and the default arguments of ``torch.distributed.nn.functional`` (``group=group.WORLD``,
+    evaluated when torch._dynamo first imports it, after the group exists) still hold the group, so its
+    threads lived on into interpreter finalisation, where a gloo thread releasing the last reference to
+    finished work with Python-owned tensors must take the GIL: SIGABRT, about 1 rank exit in 60 on CPU
+    (pytorch/pytorch#179291). Destroyed here, its threads are joined before finalisation starts.
+
+    Only for gloo groups (CPU ranks, where the abort was seen): NCCL groups are destroyed as before until
+    the GPU suite has run this teardown order on NCCL."""
     dist = _dist()
-    if dist is not None:
+    if dist is None:
+        return
+    if dist.get_backend() != "gloo":
         dist.destroy_process_group()
+        return
+    import gc
+
+    _forget_groups(dist.ProcessGroup)
+    dist.destroy_process_group()
+    gc.collect()  # the group's last reference may sit in a reference cycle
+
+
+def _forget_groups(group_type) -> None:
+    """Drop the references Python objects hold to any process group (``group_type`` instances); the groups
+    are about to be destroyed and unusable anyway."""
+    import gc
+    import types
+
+    for name, module in list(sys.modules.items()):  # default arguments bound to a group at import
+        if module is None or not name.startswith("torch.distributed"):
+            continue
+        for fn in list(vars(module).values()):
+            # type(), not isinstance(): the latter warns on the deprecated torch.distributed.reduce_op
+            if type(fn) is types.FunctionType and fn.__defaults__ \
+                    and any(isinstance(d, group_type) for d in fn.__defaults__):
+                fn.__defaults__ = tuple(None if isinstance(d, group_type) else d for d in fn.__defaults__)
+    ddp = getattr(sys.modules.get("torch.nn.parallel"), "DistributedDataParallel", None)
+    for obj in gc.get_objects():
+        if ddp is not None and issubclass(type(obj), ddp):
+            # the reducer, and the logger that owns it, hold the group in C++, out of reach of the scan below
+            obj.__dict__.pop("logger", None)
+            obj.__dict__.pop("reducer", None)
+            obj.__dict__["process_group"] = None
+            continue
+        module = getattr(type(obj), "__module__", None)
+        # torch's objects (FSDP2's mesh infos, DeviceMesh's registry), but not torch's own registry of groups,
+        # which destroy_process_group empties
+        if not isinstance(module, str) or not module.startswith("torch.") \
+                or module == "torch.distributed.distributed_c10d":
+            continue
+        attrs = getattr(obj, "__dict__", None)
+        if not isinstance(attrs, dict):
+            continue
+        for key, value in list(attrs.items()):
+            if isinstance(value, group_type):
+                attrs[key] = None
+            elif type(value) is dict:  # DeviceMesh._pg_registry: name -> group
+                for name in [k for k, v in value.items() if isinstance(v, group_type)]:
+                    del value[name]
 
 
 def _devices_of(device_map) -> set[str]:
