@@ -19,8 +19,10 @@ velotune's part is small, the rest is the Trainer's (transformers + accelerate w
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 import sys
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -138,8 +140,6 @@ def _destroy() -> None:
     if dist.get_backend() != "gloo":
         dist.destroy_process_group()
         return
-    import gc
-
     _forget_groups(dist.ProcessGroup)
     dist.destroy_process_group()
     gc.collect()  # the group's last reference may sit in a reference cycle
@@ -148,9 +148,6 @@ def _destroy() -> None:
 def _forget_groups(group_type) -> None:
     """Drop the references Python objects hold to any process group (``group_type`` instances); the groups
     are about to be destroyed and unusable anyway."""
-    import gc
-    import types
-
     for name, module in list(sys.modules.items()):  # default arguments bound to a group at import
         if module is None or not name.startswith("torch.distributed"):
             continue
