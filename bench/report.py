@@ -140,9 +140,10 @@ def long_context_section(rows: list[dict]) -> list[str]:
                    "memory of one layer at that length; the full model adds ~0.12 GiB per further layer of 4-bit "
                    "weights, LoRA and optimizer state): a length the probe cannot train, the full model cannot either. "
                    "The full model's offloaded checkpointing keeps 31 layer inputs in page-locked host memory "
-                   "(31 x tokens x 4096 x 2 B: ~97 GiB at 409,600 tokens), so that row needs a host with more "
-                   "than 128 GiB (bench/NOTES.md). Host peak = the process's ru_maxrss, page-locked buffers "
-                   "included.", ""] + _per_run_tables(
+                   "(31 x tokens x 4096 x 2 B: ~97 GiB at 409,600 tokens). Host peak = the process's ru_maxrss, "
+                   "page-locked buffers included; the 409,600 row of run 20261128T175810Z also counts ~124 GiB of "
+                   "CUDA-graph host buffers sized for max_seq_length and never read, since fixed (bench/NOTES.md, "
+                   "tenth session).", ""] + _per_run_tables(
         rs, ["| peer | layers | length | ok | step s | tokens/s | peak alloc GiB | peak reserved GiB | host peak GiB "
              "| pinning s |", "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"], row)
 
