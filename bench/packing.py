@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 from _child import run_child, write_result
+from _memory import start_trace, write_trace
 from _peers import fast_model, hf_model
 
 HERE = Path(__file__).resolve().parent
@@ -117,6 +118,10 @@ def one_mode(args) -> dict:
         raise RuntimeError(f"the {peer} peer runs on CUDA only (TRL's SFTTrainer computes its loss with a fused "
                            "LM head that needs a CUDA Triton driver)")
     model, tok, trainer_cls = _peer_model(peer, args.ckpt, args.max_len, cuda)  # first: Unsloth patches at import
+    if args.no_graphs and peer == "velotune":
+        from velotune import set_cuda_graphs
+
+        set_cuda_graphs(model, False)
     import torch
     from transformers import TrainerCallback
     from trl import SFTConfig
@@ -147,9 +152,15 @@ def one_mode(args) -> dict:
         counter = trainer.data_collator = _Counter(outer)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    if args.memory_trace and cuda:
+        start_trace()
     t0 = time.perf_counter()
     trainer.train()
     total = time.perf_counter() - t0
+    if args.memory_trace and cuda:
+        graphs = "graphs off" if args.no_graphs and peer == "velotune" else "graphs as set"
+        write_trace(str(Path(args.memory_trace) / f"memory-{args.mode}{'-nographs' if args.no_graphs else ''}.txt"),
+                    f"{args.mode} ({graphs}), {Path(args.ckpt).name}, {len(times)} steps")
     # Tokens are attributed to steps by the collator's count at each step end, not one batch per step: a
     # trainer may take several batches a step (Unsloth's took 2 per step in this workflow, 2026-11-28) or
     # collate one ahead; both shift every step's window alike.
@@ -164,6 +175,7 @@ def one_mode(args) -> dict:
         "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3) if cuda else None,
         "final_loss": trainer.state.log_history[-1].get("train_loss"),
+        **({"graphs": False} if args.no_graphs and peer == "velotune" else {}),
     }
 
 
@@ -183,6 +195,8 @@ def main() -> int:
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--results")
     p.add_argument("--timeout", type=int, default=500)
+    p.add_argument("--memory-trace", help="folder: each mode writes where its GPU memory went (memory-MODE.txt)")
+    p.add_argument("--no-graphs", action="store_true", help="velotune's modes without CUDA graphs (a control)")
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "velotune-bench"))
     args = p.parse_args()
     if args.mode:  # child process: one mode
@@ -202,6 +216,8 @@ def main() -> int:
                str(args.examples), "--min-len", str(args.min_len), "--max-len", str(args.max_len), "--warmup",
                str(args.warmup), "--seed", str(args.seed), "--device", args.device, "--workdir", str(work),
                "--logging-steps", str(args.logging_steps)]
+        cmd += (["--memory-trace", args.memory_trace] if args.memory_trace else []) + \
+            (["--no-graphs"] if args.no_graphs else [])
         t = time.perf_counter()
         row = run_child(cmd, out, args.timeout, lambda msg: {"mode": mode, "error": msg})
         row.update(run_id=run_id, bench="packing", shape=f"llama-{args.shape}", card=card, examples=args.examples,

@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 from _child import write_result
+from _memory import start_trace, write_trace
 from _peers import fast_model, hf_model
 
 PEERS = ["velotune", "velotune_eager", "velotune_auto", "velotune_auto_resident", "velotune_auto_16g",
@@ -114,7 +115,7 @@ def run(args) -> dict:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     if args.memory_trace:  # from here on: every allocation and segment, with the Python stack that made it
-        torch.cuda.memory._record_memory_history(max_entries=500000)
+        start_trace()
     times, losses = [], []
     prof_table = None
     for i, ids in enumerate(batches):
@@ -140,8 +141,8 @@ def run(args) -> dict:
         if i >= args.warmup:
             times.append(dt)
     if args.memory_trace:
-        Path(args.memory_trace).write_text(memory_summary(torch.cuda.memory._snapshot(), args))
-        torch.cuda.memory._record_memory_history(enabled=None)
+        write_trace(args.memory_trace, f"{args.peer}, {Path(args.ckpt).name}, batch {args.bs} x {args.seq}, "
+                                       f"{args.warmup + args.steps} steps")
     med = statistics.median(times)
     return {
         "peer": args.peer, "median_step_s": round(med, 4), "tokens_per_s": round(args.bs * args.seq / med, 1),
@@ -154,38 +155,6 @@ def run(args) -> dict:
         # the allocator's settings as the peer left them (Unsloth sets expandable segments at import)
         "alloc_conf": os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
     }
-
-
-def memory_summary(snap: dict, args) -> str:
-    """Where the step's GPU memory went (``--memory-trace``): the segments the allocator holds at the end, by
-    pool (default / CUDA-graph private) and stream, then the largest segment allocations of the run in
-    order of size with the velotune / bench frames that asked for them (reserved memory only grows by
-    segments)."""
-    import collections
-
-    out = [f"{args.peer}, {Path(args.ckpt).name}, batch {args.bs} x {args.seq}, {args.warmup + args.steps} steps; "
-           f"peak allocated {torch_gib('max_memory_allocated')}, peak reserved {torch_gib('max_memory_reserved')} GiB",
-           "", "segments held at the end: pool, stream -> reserved / allocated MiB (segments)"]
-    groups = collections.defaultdict(lambda: [0, 0, 0])
-    for seg in snap["segments"]:
-        pool = "graph pool" if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0) else "default"
-        g = groups[(pool, seg["stream"])]
-        g[0], g[1], g[2] = g[0] + seg["total_size"], g[1] + seg["allocated_size"], g[2] + 1
-    for (pool, stream), (total, used, n) in sorted(groups.items(), key=lambda kv: -kv[1][0]):
-        out.append(f"  {pool:10s} stream {stream:#x}: {total / 2**20:9.1f} / {used / 2**20:9.1f} ({n})")
-    events = [e for trace in snap.get("device_traces", []) for e in trace if e.get("action") == "segment_alloc"]
-    out += ["", f"largest of {len(events)} segment allocations (MiB, stream, where):"]
-    for e in sorted(events, key=lambda e: -e["size"])[:25]:
-        frames = [f for f in e.get("frames", []) if "/velotune/" in f["filename"] or "/bench/" in f["filename"]][:4]
-        where = " <- ".join(f"{Path(f['filename']).name}:{f['line']} {f['name']}" for f in frames) or "?"
-        out.append(f"  {e['size'] / 2**20:9.1f}  {e['stream']:#x}  {where}")
-    return "\n".join(out) + "\n"
-
-
-def torch_gib(counter: str) -> str:
-    import torch
-
-    return f"{getattr(torch.cuda, counter)() / 2**30:.3f}"
 
 
 def main() -> int:

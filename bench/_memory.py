@@ -1,0 +1,46 @@
+"""Where a benchmark's GPU memory went (``--memory-trace`` of train_step.py and packing.py)."""
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+
+def start_trace() -> None:
+    """From here on, record every allocation and segment with the Python stack that made it."""
+    import torch
+
+    torch.cuda.memory._record_memory_history(max_entries=500000)
+
+
+def write_trace(path: str, header: str) -> None:
+    """Write :func:`memory_summary` of the recording to ``path`` and stop recording."""
+    import torch
+
+    Path(path).write_text(memory_summary(torch.cuda.memory._snapshot(), header))
+    torch.cuda.memory._record_memory_history(enabled=None)
+
+
+def memory_summary(snap: dict, header: str) -> str:
+    """The segments the allocator holds at the end, by pool (default / CUDA-graph private) and stream,
+    then the largest segment allocations of the run in order of size with the velotune / bench frames
+    that asked for them (reserved memory only grows by segments)."""
+    import torch
+
+    gib = 2**30
+    out = [f"{header}; peak allocated {torch.cuda.max_memory_allocated() / gib:.3f}, "
+           f"peak reserved {torch.cuda.max_memory_reserved() / gib:.3f} GiB",
+           "", "segments held at the end: pool, stream -> reserved / allocated MiB (segments)"]
+    groups = collections.defaultdict(lambda: [0, 0, 0])
+    for seg in snap["segments"]:
+        pool = "graph pool" if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0) else "default"
+        g = groups[(pool, seg["stream"])]
+        g[0], g[1], g[2] = g[0] + seg["total_size"], g[1] + seg["allocated_size"], g[2] + 1
+    for (pool, stream), (total, used, n) in sorted(groups.items(), key=lambda kv: -kv[1][0]):
+        out.append(f"  {pool:10s} stream {stream:#x}: {total / 2**20:9.1f} / {used / 2**20:9.1f} ({n})")
+    events = [e for trace in snap.get("device_traces", []) for e in trace if e.get("action") == "segment_alloc"]
+    out += ["", f"largest of {len(events)} segment allocations (MiB, stream, where):"]
+    for e in sorted(events, key=lambda e: -e["size"])[:40]:
+        frames = [f for f in e.get("frames", []) if "/velotune/" in f["filename"] or "/bench/" in f["filename"]][:4]
+        where = " <- ".join(f"{Path(f['filename']).name}:{f['line']} {f['name']}" for f in frames) or "?"
+        out.append(f"  {e['size'] / 2**20:9.1f}  {e['stream']:#x}  {where}")
+    return "\n".join(out) + "\n"
