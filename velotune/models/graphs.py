@@ -637,31 +637,12 @@ def _release(st: _State) -> None:
     """Give back what the graphs held (sets, shared buffers, the pool) once they will not run again: a
     failed capture otherwise keeps its buffers and pool reserved for the rest of the run (18 GiB on
     the 8B step)."""
-    st.arena = _Arena()
-    release_weights(st)
-    _drop_sets(st)
-
-
-def _tokens(key: tuple) -> int:
-    """Rows x tokens of a set's batch shape (``key[0]``: the stack input's shape)."""
-    return key[0][0] * key[0][1]
-
-
-def _drop_sets(st: _State) -> None:
-    """Drop every recorded set and their pool before recording a longer batch than any of them.
-
-    The pool only grows: the caching allocator serves a capture's temporaries from blocks earlier
-    captures freed when they are large enough, and cuts new segments when they are not. Recorded
-    shortest first (as a trainer's batches arrive), each longer shape added segments of its own sizes:
-    the SFT workflow's pool held 880 MiB at the 1B shape (bench/NOTES.md, eleventh session), against
-    508 MiB for the longest shape alone. After this, the longest recorded shape comes first, and the
-    shorter ones, recorded again when they next arrive (not counted as new shapes), fit in its blocks.
-    The arena (shared input and gradient buffers) and held weights stay."""
     for gs in st.sets.values():
         gs.close()
     st.sets.clear()
-    st.pool = None
-    gc.collect()  # the graphs hold their buffers and the pool
+    st.arena, st.pool = _Arena(), None
+    release_weights(st)
+    gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -800,8 +781,6 @@ def run_stack(model, layers, x: torch.Tensor, make_run_layer, key_extra=(), chec
             return None
         while len(st.sets) >= _MAX_SETS:
             st.sets.popitem(last=False)[1].close()
-        if st.sets and _tokens(key) > max(_tokens(k) for k in st.sets):
-            _drop_sets(st)  # the longest batch yet: its temporaries shape the pool, the shorter ones fit in after
         t = time.perf_counter()
         if st.pool is None and not emulate:
             st.pool = torch.cuda.graph_pool_handle()
