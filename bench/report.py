@@ -332,14 +332,16 @@ def targets_section(rows: list[dict]) -> list[str]:
     for peer in sorted({r["peer"] for r in longs}):
         full = [r for r in longs if r["peer"] == peer and r.get("ok") and (r.get("layers") or 32) == 32]
         probe = [r["length"] for r in longs if r["peer"] == peer and r.get("ok") and (r.get("layers") or 32) < 32]
+        longest_probe = f"{max(probe):,} tokens" if probe else "-"
         if full:
             r = max(full, key=lambda r: (r["length"], r["run_id"]))
             out.append(f"- #4 longest 8B-shape sequence, {peer} (79 GiB cap, {r['card']}, run {r['run_id']}): "
-                       f"{r['length']} tokens at {r['tokens_per_s']:,.0f} tokens/s, {r['peak_alloc_gib']:.1f} GiB "
-                       f"allocated (target 400K): {'met' if r['length'] >= 400_000 else 'missed'}")
+                       f"{r['length']:,} tokens at {r['tokens_per_s']:,.0f} tokens/s, {r['peak_alloc_gib']:.1f} GiB "
+                       f"allocated (target 400K): {'met' if r['length'] >= 400_000 else 'missed'}; fewer-layer probe: "
+                       f"{longest_probe}")
         else:
-            out.append(f"- #4 longest 8B-shape sequence, {peer} (79 GiB cap): full model - tokens, per-layer probe "
-                       f"{max(probe) if probe else '-'} tokens (target 400K; no full-model row yet: bench/NOTES.md)")
+            out.append(f"- #4 longest 8B-shape sequence, {peer} (79 GiB cap): no full-model row; its fewer-layer probe "
+                       f"trains at most {longest_probe}, a bound for the full model (further layers only add memory)")
     ddp = _ok_rows(rows, "ddp_scaling")
     eff = [r for r in ddp if r.get("mode") == "ddp" and r.get("efficiency") and r.get("graph_captures")]
     if eff:
