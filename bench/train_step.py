@@ -85,14 +85,6 @@ def load_peer(peer: str, ckpt: str, seq: int):
     return hf_model(ckpt, cuda=True)
 
 
-def graph_pool_bytes() -> int:
-    """Bytes reserved in CUDA-graph private pools (segments outside the default pool)."""
-    import torch
-
-    return sum(seg["total_size"] for seg in torch.cuda.memory_snapshot()
-               if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0))
-
-
 def run(args) -> dict:
     import bitsandbytes as bnb
     import torch
@@ -143,6 +135,9 @@ def run(args) -> dict:
     if args.memory_trace:
         write_trace(args.memory_trace, f"{args.peer}, {Path(args.ckpt).name}, batch {args.bs} x {args.seq}, "
                                        f"{args.warmup + args.steps} steps")
+    # imported after the steps: a peer's process (Unsloth's) must import its own stack before transformers
+    from velotune.device import graph_pool_bytes
+
     med = statistics.median(times)
     return {
         "peer": args.peer, "median_step_s": round(med, 4), "tokens_per_s": round(args.bs * args.seq / med, 1),
@@ -151,7 +146,7 @@ def run(args) -> dict:
         # reserved peak is recorded too (the fair number when one peer uses graphs)
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3), "losses": [round(x, 5) for x in losses[:5]],
         "step_times_s": [round(t, 4) for t in times], "load_s": round(load_s, 1), "profile": prof_table,
-        "graph_pool_gib": round(graph_pool_bytes() / 2**30, 3), "gc": GC[args.peer],
+        "graph_pool_gib": round(graph_pool_bytes(torch.cuda.memory_snapshot()) / 2**30, 3), "gc": GC[args.peer],
         # the allocator's settings as the peer left them (Unsloth sets expandable segments at import)
         "alloc_conf": os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
     }

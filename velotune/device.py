@@ -52,6 +52,12 @@ def _cpu_peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / _GIB
 
 
+def graph_pool_bytes(segments: list) -> int:
+    """Bytes of the caching allocator's segments (``torch.cuda.memory_snapshot()``) that belong to CUDA-graph
+    private pools: reserved for the graphs' replays alone, not lent to the rest of the process."""
+    return sum(seg["total_size"] for seg in segments if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0))
+
+
 @dataclass
 class MemoryReport:
     """Seed-style memory report. Use ``with memory_report():`` or call ``start()`` / ``stop()``.
@@ -67,6 +73,7 @@ class MemoryReport:
     _t0: float = 0.0
 
     def start(self) -> "MemoryReport":
+        """Print the card, its memory and the memory reserved so far; start the clock. Returns self."""
         self._t0 = time.perf_counter()
         if torch.cuda.is_available():
             if self.device is None:
@@ -84,6 +91,9 @@ class MemoryReport:
         return self
 
     def stop(self, trainer_stats=None) -> dict:
+        """Print the training time and the peak reserved memory (all of it, the part since ``start()``, and
+        both as % of the card; the part the CUDA graphs' pool holds when there is one), and return
+        ``stats``. ``trainer_stats``: what ``trainer.train()`` returned; its ``train_runtime`` is the time."""
         seconds = time.perf_counter() - self._t0
         if trainer_stats is not None and getattr(trainer_stats, "metrics", None):
             seconds = trainer_stats.metrics.get("train_runtime", seconds)
@@ -104,6 +114,10 @@ class MemoryReport:
             self.print_fn(f"Peak reserved memory for training = {s['training_reserved']} GB.")
             self.print_fn(f"Peak reserved memory % of max memory = {s['peak_pct']} %.")
             self.print_fn(f"Peak reserved memory for training % of max memory = {s['training_pct']} %.")
+            s["graph_pool_reserved"] = round(graph_pool_bytes(torch.cuda.memory_snapshot()) / _GIB, 3)
+            if s["graph_pool_reserved"]:
+                self.print_fn(f"Of which the CUDA graphs' memory pool = {s['graph_pool_reserved']} GB "
+                              "(velotune.set_cuda_graphs(model, False) gives it back, at the cost of speed).")
         else:
             self.print_fn(f"Process peak memory = {peak} GB (CPU run; +{s['training_reserved']} GB during training).")
         return s
