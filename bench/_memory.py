@@ -44,3 +44,31 @@ def memory_summary(snap: dict, header: str) -> str:
         where = " <- ".join(f"{Path(f['filename']).name}:{f['line']} {f['name']}" for f in frames) or "?"
         out.append(f"  {e['size'] / 2**20:9.1f}  {e['stream']:#x}  {where}")
     return "\n".join(out) + "\n"
+
+
+def log_captures(path: str) -> None:
+    """Append one line per CUDA-graph set velotune records (velotune.models.graphs.GraphSet) to ``path``: the
+    batch shape, the process's reserved memory before and after, and the graph pools' reserved / allocated
+    MiB and their largest free blocks after. What the bench needs to see whether a later capture reuses
+    the pool's free blocks or cuts new segments."""
+    import torch
+
+    from velotune.models import graphs
+
+    def pools() -> str:
+        segs = [s for s in torch.cuda.memory_snapshot() if tuple(s.get("segment_pool_id", (0, 0))) != (0, 0)]
+        free = sorted((b["size"] for s in segs for b in s["blocks"] if b["state"] == "inactive"), reverse=True)
+        return (f"pool {sum(s['total_size'] for s in segs) / 2**20:.0f} / "
+                f"{sum(s['allocated_size'] for s in segs) / 2**20:.0f} MiB in {len(segs)} segments, largest free "
+                f"blocks {[round(f / 2**20, 1) for f in free[:8]]} MiB")
+
+    init = graphs.GraphSet.__init__
+
+    def logged(self, make_run_layer, layers, x_example, *a, **k):
+        before = torch.cuda.memory_reserved()
+        init(self, make_run_layer, layers, x_example, *a, **k)
+        with open(path, "a") as f:
+            f.write(f"capture {tuple(x_example.shape[:2])}: reserved {before / 2**20:.0f} -> "
+                    f"{torch.cuda.memory_reserved() / 2**20:.0f} MiB; {pools()}\n")
+
+    graphs.GraphSet.__init__ = logged

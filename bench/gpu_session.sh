@@ -4,7 +4,7 @@
 # still returns the first answers.
 # The device's copy of the tree carries a stale .git: pass the commit, VELOTUNE_COMMIT=$(git rev-parse --short HEAD)
 # (+dirty for uncommitted changes), in the command, or the rows record the wrong one.
-#   OUT=/tmp/out bash bench/gpu_session.sh [tests|new|attention|train1b|train8b|memory|packing|workflow|decode|all|long|probe|ddp|fsdp70b|gguf]...
+#   OUT=/tmp/out bash bench/gpu_session.sh [tests|new|attention|train1b|train8b|memory|poolmem|packing|workflow|decode|all|long|probe|ddp|fsdp70b|gguf]...
 # (several stages run in the order given)
 set -u
 OUT=${OUT:-/tmp/velotune-gpu}
@@ -39,6 +39,12 @@ for s in ('1b', '8b'): make_checkpoint(s, Path('/tmp/vb/llama-' + s))"
     timeout 150 python bench/train_step.py --peer $peer --ckpt /tmp/vb/llama-$shape --warmup 3 --steps 3 --json /tmp/vb/mem.json \
       --memory-trace "$OUT/memory-$shape-$peer.txt" > /dev/null 2>&1; head -3 "$OUT/memory-$shape-$peer.txt"
   done; done
+fi
+if [[ $what == poolmem ]]; then  # the SFT workflow's CUDA-graph pool: one line per capture (captures-*.txt), 8 vs 4 bucket lengths
+  for b in ${BUCKETS:-8 4}; do
+    timeout 200 python bench/packing.py --shape 1b --examples ${EXAMPLES:-128} --modes padded padfree --buckets $b --timeout 90 \
+      --memory-trace "$OUT" --results "$OUT/packing-mem.jsonl" --workdir /tmp/vb 2>&1 | grep --line-buffered "\[packing\]" | tee -a "$OUT/poolmem.txt"
+  done
 fi
 if [[ $what == packing || $what == all ]]; then
   timeout 420 python bench/packing.py --shape 1b --results "$OUT/packing.jsonl" --workdir /tmp/vb 2>&1 | grep --line-buffered "\[packing\]" | tee "$OUT/packing.txt"

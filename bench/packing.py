@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 from _child import run_child, write_result
-from _memory import start_trace, write_trace
+from _memory import log_captures, start_trace, write_trace
 from _peers import fast_model, hf_model
 
 HERE = Path(__file__).resolve().parent
@@ -122,6 +122,13 @@ def one_mode(args) -> dict:
         from velotune import set_cuda_graphs
 
         set_cuda_graphs(model, False)
+    if args.buckets and peer == "velotune":
+        from velotune.training import buckets
+
+        buckets.N_BUCKETS = args.buckets
+    variant = ("-nographs" if args.no_graphs else "") + (f"-b{args.buckets}" if args.buckets else "")
+    if args.memory_trace and cuda and peer == "velotune":
+        log_captures(str(Path(args.memory_trace) / f"captures-{args.mode}{variant}.txt"))
     import torch
     from transformers import TrainerCallback
     from trl import SFTConfig
@@ -159,7 +166,7 @@ def one_mode(args) -> dict:
     total = time.perf_counter() - t0
     if args.memory_trace and cuda:
         graphs = "graphs off" if args.no_graphs and peer == "velotune" else "graphs as set"
-        write_trace(str(Path(args.memory_trace) / f"memory-{args.mode}{'-nographs' if args.no_graphs else ''}.txt"),
+        write_trace(str(Path(args.memory_trace) / f"memory-{args.mode}{variant}.txt"),
                     f"{args.mode} ({graphs}), {Path(args.ckpt).name}, {len(times)} steps")
     # Tokens are attributed to steps by the collator's count at each step end, not one batch per step: a
     # trainer may take several batches a step (Unsloth's took 2 per step in this workflow, 2026-11-28) or
@@ -176,6 +183,7 @@ def one_mode(args) -> dict:
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3) if cuda else None,
         "final_loss": trainer.state.log_history[-1].get("train_loss"),
         **({"graphs": False} if args.no_graphs and peer == "velotune" else {}),
+        **({"buckets": args.buckets} if args.buckets and peer == "velotune" else {}),
     }
 
 
@@ -197,6 +205,7 @@ def main() -> int:
     p.add_argument("--timeout", type=int, default=500)
     p.add_argument("--memory-trace", help="folder: each mode writes where its GPU memory went (memory-MODE.txt)")
     p.add_argument("--no-graphs", action="store_true", help="velotune's modes without CUDA graphs (a control)")
+    p.add_argument("--buckets", type=int, default=None, help="velotune's bucket lengths (training.buckets.N_BUCKETS)")
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "velotune-bench"))
     args = p.parse_args()
     if args.mode:  # child process: one mode
@@ -217,7 +226,7 @@ def main() -> int:
                str(args.warmup), "--seed", str(args.seed), "--device", args.device, "--workdir", str(work),
                "--logging-steps", str(args.logging_steps)]
         cmd += (["--memory-trace", args.memory_trace] if args.memory_trace else []) + \
-            (["--no-graphs"] if args.no_graphs else [])
+            (["--no-graphs"] if args.no_graphs else []) + (["--buckets", str(args.buckets)] if args.buckets else [])
         t = time.perf_counter()
         row = run_child(cmd, out, args.timeout, lambda msg: {"mode": mode, "error": msg})
         row.update(run_id=run_id, bench="packing", shape=f"llama-{args.shape}", card=card, examples=args.examples,

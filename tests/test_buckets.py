@@ -41,6 +41,16 @@ def test_lengths_fall_in_at_most_eight_buckets():
     assert pad.length_for(2100) == 2100  # longer than max_length (no truncation here): left as is
 
 
+def test_bucket_count_is_read_when_the_collator_is_built(monkeypatch):
+    """``buckets.N_BUCKETS`` set before the trainer is built applies (fewer recorded shapes, more padding)."""
+    from velotune.training import buckets
+
+    monkeypatch.setattr(buckets, "N_BUCKETS", 4)
+    pad = BucketPadding(_collate, pad_token_id=3, max_length=2048)
+    assert pad.n_buckets == 4 and {pad.length_for(t) for t in range(1, 2049)} == {512, 1024, 1536, 2048}
+    assert BucketPadding(_collate, pad_token_id=3, max_length=2048, n_buckets=2).step == 1024
+
+
 def test_padded_batch_keeps_loss_and_grads(tiny_dir):
     model, _ = FastLanguageModel.from_pretrained(tiny_dir(), load_in_4bit=False, max_seq_length=128)
     model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, random_state=3)

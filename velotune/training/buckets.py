@@ -27,17 +27,18 @@ N_BUCKETS = 8
 MULTIPLE = 64
 
 
-def bucket_step(max_length: int, n_buckets: int = N_BUCKETS, multiple: int = MULTIPLE) -> int:
-    """Bucket width in tokens: ``max_length / n_buckets`` rounded up to ``multiple``."""
-    return max(multiple, math.ceil(max_length / n_buckets / multiple) * multiple)
+def bucket_step(max_length: int, n_buckets: int | None = None, multiple: int = MULTIPLE) -> int:
+    """Bucket width in tokens: ``max_length / n_buckets`` (default ``N_BUCKETS``) rounded up to ``multiple``."""
+    return max(multiple, math.ceil(max_length / (n_buckets or N_BUCKETS) / multiple) * multiple)
 
 
 class BucketPadding:
     """Wraps a collator; pads its batches on the right to ``ceil(T / step) * step`` (at most ``max_length``)."""
 
-    def __init__(self, collator, pad_token_id: int, max_length: int, n_buckets: int = N_BUCKETS):
+    def __init__(self, collator, pad_token_id: int, max_length: int, n_buckets: int | None = None):
         self.collator, self.pad_token_id, self.max_length = collator, int(pad_token_id), int(max_length)
-        self.step = bucket_step(self.max_length, n_buckets)
+        self.n_buckets = n_buckets or N_BUCKETS  # read at construction: the module constant can be changed
+        self.step = bucket_step(self.max_length, self.n_buckets)
 
     def length_for(self, t: int) -> int:
         return max(t, min(self.max_length, math.ceil(t / self.step) * self.step))
@@ -100,6 +101,6 @@ def wrap_trainer_collator(trainer, model, state) -> bool:
         max_length *= args.per_device_train_batch_size  # the rows of a batch become one row
     trainer.data_collator = BucketPadding(trainer.data_collator, pad, max_length)
     say_once("bucket-padding", f"training batches are right-padded to multiples of {trainer.data_collator.step} "
-             f"tokens (at most {N_BUCKETS} lengths) so CUDA graphs can be reused; the loss is unchanged "
+             f"tokens (at most {trainer.data_collator.n_buckets} lengths) so CUDA graphs can be reused; the loss is unchanged "
              "(velotune.set_cuda_graphs(model, False) turns both off)")
     return True
