@@ -26,13 +26,15 @@ def memory_summary(snap: dict, header: str) -> str:
     that asked for them (reserved memory only grows by segments)."""
     import torch
 
+    from velotune.device import in_graph_pool  # imported late: a peer's process imports its own stack first
+
     gib = 2**30
     out = [f"{header}; peak allocated {torch.cuda.max_memory_allocated() / gib:.3f}, "
            f"peak reserved {torch.cuda.max_memory_reserved() / gib:.3f} GiB",
            "", "segments held at the end: pool, stream -> reserved / allocated MiB (segments)"]
     groups = collections.defaultdict(lambda: [0, 0, 0])
     for seg in snap["segments"]:
-        pool = "graph pool" if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0) else "default"
+        pool = "graph pool" if in_graph_pool(seg) else "default"
         g = groups[(pool, seg["stream"])]
         g[0], g[1], g[2] = g[0] + seg["total_size"], g[1] + seg["allocated_size"], g[2] + 1
     for (pool, stream), (total, used, n) in sorted(groups.items(), key=lambda kv: -kv[1][0]):
@@ -53,10 +55,11 @@ def log_captures(path: str) -> None:
     the pool's free blocks or cuts new segments."""
     import torch
 
+    from velotune.device import in_graph_pool
     from velotune.models import graphs
 
     def pools() -> str:
-        segs = [s for s in torch.cuda.memory_snapshot() if tuple(s.get("segment_pool_id", (0, 0))) != (0, 0)]
+        segs = [s for s in torch.cuda.memory_snapshot() if in_graph_pool(s)]
         free = sorted((b["size"] for s in segs for b in s["blocks"] if b["state"] == "inactive"), reverse=True)
         return (f"pool {sum(s['total_size'] for s in segs) / 2**20:.0f} / "
                 f"{sum(s['allocated_size'] for s in segs) / 2**20:.0f} MiB in {len(segs)} segments, largest free "

@@ -52,10 +52,15 @@ def _cpu_peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / _GIB
 
 
+def in_graph_pool(segment: dict) -> bool:
+    """Whether a segment of ``torch.cuda.memory_snapshot()`` belongs to a CUDA-graph private pool (reserved for
+    the graphs' replays alone, not lent to the rest of the process)."""
+    return tuple(segment.get("segment_pool_id", (0, 0))) != (0, 0)
+
+
 def graph_pool_bytes(segments: list) -> int:
-    """Bytes of the caching allocator's segments (``torch.cuda.memory_snapshot()``) that belong to CUDA-graph
-    private pools: reserved for the graphs' replays alone, not lent to the rest of the process."""
-    return sum(seg["total_size"] for seg in segments if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0))
+    """Bytes of the snapshot's segments that belong to CUDA-graph private pools."""
+    return sum(seg["total_size"] for seg in segments if in_graph_pool(seg))
 
 
 @dataclass
