@@ -281,15 +281,25 @@ def attention_section() -> list[str]:
 
 
 def profile_section() -> list[str]:
-    profs = sorted((RESULTS / "profiles").glob("*.txt")) if (RESULTS / "profiles").is_dir() else []
-    if not profs:
-        return []
-    out = ["## Per-op time of one velotune step", "",
-           "torch.profiler over one timed step, sorted by GPU time. With CUDA graphs the kernels of the "
-           "replayed layers are listed individually; `_StackFunction` / `_StackFunctionBackward` rows are "
-           "the GPU time spans of the graphed decoder stack (forward / recompute + backward).", ""]
-    for p in profs:
-        out += [f"### {p.stem}", "", "```", p.read_text().rstrip(), "```", ""]
+    folder = RESULTS / "profiles"
+    profs = sorted(folder.glob("profile-*.txt")) if folder.is_dir() else []
+    mems = sorted(folder.glob("memory-*.txt")) if folder.is_dir() else []
+    out = []
+    if profs:
+        out += ["## Per-op time of one velotune step", "",
+                "torch.profiler over one timed step, sorted by GPU time. With CUDA graphs the kernels of the "
+                "replayed layers are listed individually; `_StackFunction` / `_StackFunctionBackward` rows are "
+                "the GPU time spans of the graphed decoder stack (forward / recompute + backward).", ""]
+        for p in profs:
+            out += [f"### {p.stem}", "", "```", p.read_text().rstrip(), "```", ""]
+    if mems:
+        out += ["## Where the GPU memory goes", "",
+                "`--memory-trace` of bench/train_step.py and bench/packing.py: peaks, and the segments the caching "
+                "allocator holds at the end by pool and stream (reserved / allocated MiB). The largest segment "
+                "allocations with the code that asked for them are in each file under bench/results/profiles/.", ""]
+        for p in mems:
+            head = p.read_text().split("\n\nlargest of")[0].rstrip()
+            out += [f"### {p.stem}", "", "```", head, "```", ""]
     return out
 
 
