@@ -21,7 +21,7 @@ def write_trace(path: str, header: str) -> None:
 
 
 def memory_summary(snap: dict, header: str) -> str:
-    """The segments the allocator holds at the end, by pool (default / CUDA-graph private) and stream,
+    """The segments the allocator holds at the end, by pool (default / each CUDA-graph private pool) and stream,
     then the largest segment allocations of the run in order of size with the velotune / bench frames
     that asked for them (reserved memory only grows by segments)."""
     import torch
@@ -34,11 +34,11 @@ def memory_summary(snap: dict, header: str) -> str:
            "", "segments held at the end: pool, stream -> reserved / allocated MiB (segments)"]
     groups = collections.defaultdict(lambda: [0, 0, 0])
     for seg in snap["segments"]:
-        pool = "graph pool" if in_graph_pool(seg) else "default"
+        pool = f"graph pool {tuple(seg['segment_pool_id'])}" if in_graph_pool(seg) else "default"
         g = groups[(pool, seg["stream"])]
         g[0], g[1], g[2] = g[0] + seg["total_size"], g[1] + seg["allocated_size"], g[2] + 1
     for (pool, stream), (total, used, n) in sorted(groups.items(), key=lambda kv: -kv[1][0]):
-        out.append(f"  {pool:10s} stream {stream:#x}: {total / 2**20:9.1f} / {used / 2**20:9.1f} ({n})")
+        out.append(f"  {pool:10s} stream {stream:#x}: {total / 2**20:9.1f} / {used / 2**20:9.1f} ({n})")  # per pool id
     events = [e for trace in snap.get("device_traces", []) for e in trace if e.get("action") == "segment_alloc"]
     out += ["", f"largest of {len(events)} segment allocations (MiB, stream, where):"]
     for e in sorted(events, key=lambda e: -e["size"])[:40]:
