@@ -38,7 +38,7 @@ def memory_summary(snap: dict, header: str) -> str:
         g = groups[(pool, seg["stream"])]
         g[0], g[1], g[2] = g[0] + seg["total_size"], g[1] + seg["allocated_size"], g[2] + 1
     for (pool, stream), (total, used, n) in sorted(groups.items(), key=lambda kv: -kv[1][0]):
-        out.append(f"  {pool:10s} stream {stream:#x}: {total / 2**20:9.1f} / {used / 2**20:9.1f} ({n})")  # per pool id
+        out.append(f"  {pool:10s} stream {stream:#x}: {total / 2**20:9.1f} / {used / 2**20:9.1f} ({n})")
     events = [e for trace in snap.get("device_traces", []) for e in trace if e.get("action") == "segment_alloc"]
     out += ["", f"largest of {len(events)} segment allocations (MiB, stream, where):"]
     for e in sorted(events, key=lambda e: -e["size"])[:40]:
