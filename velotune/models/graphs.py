@@ -245,10 +245,10 @@ def plan_spare(policy: str, keep: list, layer_bytes, budget=None, mem_info=None,
 
 def _host_has_room(nbytes: int) -> bool:
     """Whether ``nbytes`` more of page-locked host memory leaves the machine its reserve (offload.py's rule)."""
-    from .offload import HOST_RESERVE_GIB, _meminfo
+    from .offload import _meminfo, host_reserve
 
     available, total = _meminfo()
-    return available < 0 or available - nbytes >= max(HOST_RESERVE_GIB * 2**30, 0.05 * total)
+    return available < 0 or available - nbytes >= host_reserve(total)
 
 
 class HostMemoryShort(Exception):

@@ -55,6 +55,11 @@ HOST_RESERVE_GIB = 4.0
 PIN_AHEAD = True
 
 
+def host_reserve(total: int) -> float:
+    """Bytes of host memory page-locking leaves to everything else on a machine of ``total`` bytes."""
+    return max(HOST_RESERVE_GIB * 2**30, 0.05 * total)
+
+
 def _meminfo() -> tuple[int, int]:
     """(MemAvailable, MemTotal) in bytes from /proc/meminfo; (-1, -1) where there is none (not Linux)."""
     try:
@@ -164,7 +169,7 @@ class PinnedPool:
         with self.lock:
             spare = sum(b.numel() for b, _ in self.free if b.numel() < need)  # released below: available
         available, total = self.meminfo()
-        reserve = max(HOST_RESERVE_GIB * 2**30, 0.05 * total)
+        reserve = host_reserve(total)
         if available >= 0 and available + spare - size < reserve:
             if say:
                 say_once("pinned-short", f"offloaded checkpointing: host memory is short ({available / 2**30:.1f} "
