@@ -141,3 +141,39 @@ def test_adapter_roundtrip(tiny_dir, tmp_path):
     assert any(p.requires_grad for n, p in back.named_parameters() if "lora_" in n)
     assert tok2.pad_token == tok.pad_token
     assert hasattr(back, "save_pretrained_merged")
+
+
+def test_unsloth_save_model_as_the_seed_calls_it(tiny_dir, tmp_path):
+    """The seed's ``unsloth_save_model(model, tokenizer, "output_model", push_to_hub=False)`` with only the
+    import changed: Unsloth's default save_method "lora" (adapter + tokenizer, which velotune loads back with
+    identical logits), "merged_16bit" (the same folder as save_pretrained_merged), and its other keywords."""
+    from safetensors.torch import load_file
+
+    from velotune import unsloth_save_model
+
+    model, tok = _trained_like(tiny_dir)
+    ids = _ids()
+    out = unsloth_save_model(model, tok, tmp_path / "output_model", push_to_hub=False)
+    assert out == tmp_path / "output_model"
+    assert (out / "adapter_model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert not (out / "config.json").exists()  # an adapter, not a merged model
+    back, _ = FastLanguageModel.from_pretrained(str(out), max_seq_length=128, load_in_4bit=True)
+    torch.testing.assert_close(_logits(back.eval(), ids), _logits(model, ids), rtol=0, atol=0)
+
+    unsloth_save_model(model, tok, tmp_path / "merged", save_method="merged_16bit", token=None,
+                       maximum_memory_usage=0.75, safe_serialization=True, commit_message="x")
+    model.save_pretrained_merged(tmp_path / "direct", tok, save_method="merged_16bit")
+    a, b = load_file(tmp_path / "merged" / "model.safetensors"), load_file(tmp_path / "direct" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    assert unsloth_save_model(model, tok, tmp_path / "other_rank", is_main_process=False) == tmp_path / "other_rank"
+    assert not (tmp_path / "other_rank").exists()
+    with pytest.raises(VelotuneError, match="safetensors only"):
+        unsloth_save_model(model, tok, tmp_path / "x", safe_serialization=False)
+    with pytest.raises(VelotuneError, match="not a state_dict"):
+        unsloth_save_model(model, tok, tmp_path / "x", state_dict={})
+    with pytest.raises(VelotuneError, match="upload_folder"):
+        unsloth_save_model(model, tok, tmp_path / "x", push_to_hub=True, token="hf_x")
+    with pytest.raises(TypeError, match="save_pretrained_gguf_please"):
+        unsloth_save_model(model, tok, tmp_path / "x", save_pretrained_gguf_please=True)
+    assert not (tmp_path / "x").exists()

@@ -2,7 +2,7 @@
 
 Mirrors ../shared/seed (a Chinese-language Unsloth guide): load 4-bit, LoRA on q/k/v/o, Alpaca
 formatting, SFTTrainer with the seed's exact TrainingArguments, the memory report, then saving the
-adapter and the merged 16-bit model. The GPU version is tests/test_gpu_e2e.py.
+adapter (also through the seed's ``unsloth_save_model`` call) and the merged 16-bit model. The GPU version is tests/test_gpu_e2e.py.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ def test_seed_script_runs_unchanged(tiny_dir, tmp_path, capsys):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, TrainingArguments
 
-    from velotune import FastLanguageModel, SFTTrainer, alpaca_prompt, memory_report
+    from velotune import FastLanguageModel, SFTTrainer, alpaca_prompt, memory_report, unsloth_save_model
     from velotune.data.bundled import load_alpaca_dataset
 
     max_seq_length = 2048
@@ -52,8 +52,11 @@ def test_seed_script_runs_unchanged(tiny_dir, tmp_path, capsys):
     model.save_pretrained(tmp_path / "lora_model")
     tokenizer.save_pretrained(tmp_path / "lora_model")
     model.save_pretrained_merged(tmp_path / "merged", tokenizer, save_method="merged_16bit")
+    unsloth_save_model(model, tokenizer, tmp_path / "output_model", push_to_hub=False)  # the seed's own save call
     base = AutoModelForCausalLM.from_pretrained(tiny_dir(), dtype=torch.float32)
     assert isinstance(PeftModel.from_pretrained(base, tmp_path / "lora_model"), PeftModel)
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir(), dtype=torch.float32)
+    assert isinstance(PeftModel.from_pretrained(base, tmp_path / "output_model"), PeftModel)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     with torch.no_grad():
         a = model(input_ids=inputs["input_ids"]).logits

@@ -4,6 +4,7 @@ Drop-in names for the incumbent's API::
 
     from velotune import FastLanguageModel, SFTTrainer, is_bfloat16_supported, alpaca_prompt
     from velotune import get_chat_template, standardize_sharegpt, train_on_responses_only
+    from velotune import unsloth_save_model
 """
 from ._notices import VelotuneError
 from .api import FastLanguageModel
@@ -12,6 +13,7 @@ from .data.chat_templates import get_chat_template
 from .data.sharegpt import standardize_sharegpt
 from .models.graphs import set_cuda_graphs, set_memory_budget
 from .device import MemoryReport, default_dtype, is_bfloat16_supported, memory_report
+from .export.merge import unsloth_save_model
 from .training.responses_only import train_on_responses_only
 from .training.trainer import SFTTrainer
 
@@ -34,4 +36,5 @@ __all__ = [
     "get_chat_template",
     "standardize_sharegpt",
     "train_on_responses_only",
+    "unsloth_save_model",
 ]

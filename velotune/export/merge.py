@@ -313,3 +313,45 @@ def save_pretrained_merged(self, save_directory, tokenizer=None, save_method="me
             "precision. Save 'merged_16bit' and load that with load_in_4bit=True"
         )
     return save_merged_16bit(self, save_directory, tokenizer, max_shard_size, dtype)
+
+
+# unsloth_save_model's keywords that act only on an upload (push_to_hub=True, which velotune leaves to
+# huggingface_hub) or on Unsloth's own merge buffers (velotune's merge streams one tensor at a time):
+# accepted, nothing to do with them
+_UPLOAD_OR_BUFFER_KEYWORDS = frozenset({
+    "token", "commit_message", "private", "create_pr", "revision", "commit_description", "tags", "datasets",
+    "use_temp_dir", "temporary_location", "maximum_memory_usage"})
+# its keywords that velotune takes at their default only: (default, why another value is refused)
+_DEFAULT_ONLY_KEYWORDS = {
+    "safe_serialization": (True, "velotune writes safetensors only (a pickled file can run code when it is loaded)"),
+    "save_function": (torch.save, "velotune writes safetensors itself; drop save_function"),
+    "state_dict": (None, "velotune reads the weights from the model; pass the model, not a state_dict"),
+    "variant": (None, "velotune does not name files by variant; save into a folder of its own instead"),
+    "save_peft_format": (True, "velotune writes adapters in PEFT's format, which PEFT and Unsloth load"),
+}
+
+
+def unsloth_save_model(model, tokenizer, save_directory, save_method: str = "lora", push_to_hub: bool = False,
+                       is_main_process: bool = True, max_shard_size="5GB", **kwargs) -> Path:
+    """The seed's ``unsloth_save_model(model, tokenizer, "output_model", push_to_hub=False)``, by the same name.
+
+    ``save_method``: ``"lora"`` (Unsloth's default: the PEFT adapter and the tokenizer) or ``"merged_16bit"``
+    (LoRA merged in fp32 into the dequantised base, one rounding, a transformers folder): the same writes as
+    ``model.save_pretrained_merged`` (atomic, safetensors). ``is_main_process=False`` writes nothing (another
+    process saves). Unsloth's upload and buffer keywords (``token``, ``commit_message``, ...,
+    ``maximum_memory_usage``) are accepted and have nothing to act on; ``push_to_hub=True`` raises (upload the
+    folder with ``huggingface_hub.upload_folder``). Returns the folder.
+    """
+    unknown = sorted(set(kwargs) - _UPLOAD_OR_BUFFER_KEYWORDS - set(_DEFAULT_ONLY_KEYWORDS))
+    if unknown:
+        raise TypeError(f"unsloth_save_model() got unexpected argument(s) {unknown}")
+    for name, (default, why) in _DEFAULT_ONLY_KEYWORDS.items():
+        if name in kwargs and kwargs[name] is not default and kwargs[name] != default:
+            raise VelotuneError(f"unsloth_save_model({name}={kwargs[name]!r}): {why}")
+    if push_to_hub:
+        raise VelotuneError("velotune saves locally: unsloth_save_model(..., push_to_hub=False), then upload the "
+                            "folder with huggingface_hub.upload_folder(...)")
+    if not is_main_process:
+        return Path(save_directory)
+    return save_pretrained_merged(model, save_directory, tokenizer, save_method=save_method,
+                                  max_shard_size=max_shard_size)
