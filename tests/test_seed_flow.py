@@ -13,7 +13,8 @@ def test_seed_script_runs_unchanged(tiny_dir, tmp_path, capsys):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, TrainingArguments
 
-    from velotune import FastLanguageModel, SFTTrainer, alpaca_prompt, memory_report, unsloth_save_model
+    from velotune import FastLanguageModel, alpaca_prompt, memory_report, unsloth_save_model
+    from trl import SFTTrainer  # as the seed imports it: TRL's class, given a velotune model, is velotune's trainer
     from velotune.data.bundled import load_alpaca_dataset
 
     max_seq_length = 2048
@@ -40,6 +41,7 @@ def test_seed_script_runs_unchanged(tiny_dir, tmp_path, capsys):
     before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
     with memory_report() as report:
         trainer_stats = trainer.train()
+    assert type(trainer).__module__ == "velotune.training.trainer"
     assert trainer_stats.global_step == 6 and report.stats["seconds"] > 0
     assert "seconds used for training" in capsys.readouterr().out
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters() if n in before)

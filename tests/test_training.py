@@ -57,6 +57,51 @@ def test_seed_call_equals_current_trl_call(tiny_dir, tmp_path):
         torch.testing.assert_close(runs[0][1][k], runs[1][1][k], rtol=1e-5, atol=1e-7)
 
 
+def test_trl_sft_trainer_with_a_velotune_model_is_velotune_s(tiny_dir, tmp_path, notices):
+    """The seed imports the trainer from TRL (`from trl import SFTTrainer`) and calls it with the older keywords:
+    given a model FastLanguageModel loaded, TRL's class builds velotune's SFTTrainer, which trains exactly as
+    the same call to velotune.SFTTrainer does. TRL's own class runs for other models (its keywords: the old ones
+    raise as before), for its subclasses, and with the switch off."""
+    import trl
+    from transformers import AutoModelForCausalLM
+
+    from velotune.training import trainer as vt
+
+    runs = []
+    for cls in (trl.SFTTrainer, SFTTrainer):
+        model, tokenizer = _peft(tiny_dir)
+        t = cls(model=model, train_dataset=_dataset(tokenizer), dataset_text_field="text", max_seq_length=256,
+                args=TrainingArguments(per_device_train_batch_size=2, max_steps=2, learning_rate=2e-4, seed=3407,
+                                       output_dir=str(tmp_path / cls.__module__), report_to="none", logging_steps=1))
+        assert type(t) is SFTTrainer and isinstance(t, trl.SFTTrainer)
+        t.train()
+        runs.append(([h["loss"] for h in t.state.log_history if "loss" in h], _lora_state(model)))
+    assert runs[0][0] == runs[1][0] and len(runs[0][0]) == 2
+    for k in runs[0][1]:
+        assert torch.equal(runs[0][1][k], runs[1][1][k])
+    assert sum("trl.SFTTrainer was given a velotune model" in m for m in notices) == 1
+
+    model, tokenizer = _peft(tiny_dir)
+    config = SFTConfig(output_dir=str(tmp_path / "own"), max_steps=1, report_to="none", bf16=False)
+    plain = AutoModelForCausalLM.from_pretrained(tiny_dir(), dtype=torch.float32)
+    assert type(trl.SFTTrainer(model=plain, processing_class=tokenizer, train_dataset=_dataset(tokenizer),
+                               args=config)) is trl.SFTTrainer
+    with pytest.raises(TypeError, match="dataset_text_field"):
+        trl.SFTTrainer(model=plain, processing_class=tokenizer, train_dataset=_dataset(tokenizer), args=config,
+                       dataset_text_field="text")
+
+    class Mine(trl.SFTTrainer):
+        pass
+
+    assert type(Mine(model=model, processing_class=tokenizer, train_dataset=_dataset(tokenizer), args=config)) is Mine
+    vt.ROUTE_TRL_SFTTRAINER = False
+    try:
+        assert type(trl.SFTTrainer(model=model, processing_class=tokenizer, train_dataset=_dataset(tokenizer),
+                                   args=config)) is trl.SFTTrainer
+    finally:
+        vt.ROUTE_TRL_SFTTRAINER = True
+
+
 def test_tokenizer_defaults_from_model(tiny_dir, tmp_path):
     model, tok = _peft(tiny_dir)
     trainer = SFTTrainer(model=model, train_dataset=_dataset(tok), dataset_text_field="text",

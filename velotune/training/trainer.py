@@ -482,3 +482,34 @@ class SFTTrainer(AtomicCheckpointMixin, trl.SFTTrainer):
                 f"from; {n} so far). Usual causes: responses-only markers that never match, or rows truncated "
                 "before the answer (raise max_seq_length)")
         return True
+
+
+# ------------------------------------------------------------------ the seed's `from trl import SFTTrainer`
+# The seed imports the trainer from TRL (`from trl import SFTTrainer`), with the older keywords, after importing
+# the model class from the incumbent, which rewrites TRL's trainers on import to accept them. With velotune the
+# same script changes one import line: TRL's own SFTTrainer, called with a model that FastLanguageModel loaded,
+# builds this module's SFTTrainer instead (the seed's keywords, velotune's loss and optimizer). Any other model,
+# and any subclass of TRL's SFTTrainer, runs TRL's own, unchanged. False: TRL's own always.
+ROUTE_TRL_SFTTRAINER = True
+_TRL_SFTTRAINER = trl.SFTTrainer  # TRL's class, as imported
+
+
+def _velotune_model_arg(args, kwargs):
+    model = kwargs.get("model", args[0] if args else None)
+    return model is not None and not isinstance(model, str) and _velotune_state(model) is not None
+
+
+def _route_trl_sft_trainer(cls, *args, **kwargs):
+    """``__new__`` of TRL's SFTTrainer: an instance of velotune's SFTTrainer when TRL's own class (not a
+    subclass) is called with a velotune model; Python then runs that instance's ``__init__`` with the call's
+    arguments, once."""
+    if cls is _TRL_SFTTRAINER and ROUTE_TRL_SFTTRAINER and _velotune_model_arg(args, kwargs):
+        say_once("trl-sft-route", "trl.SFTTrainer was given a velotune model: it runs as velotune.SFTTrainer (the "
+                 "seed's keywords accepted, velotune's loss and optimizer; "
+                 "velotune.training.trainer.ROUTE_TRL_SFTTRAINER = False turns this off)")
+        cls = SFTTrainer
+    return object.__new__(cls)
+
+
+if "__new__" not in _TRL_SFTTRAINER.__dict__:  # once per process; TRL's class defines no __new__ of its own
+    _TRL_SFTTRAINER.__new__ = _route_trl_sft_trainer
