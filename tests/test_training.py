@@ -57,7 +57,7 @@ def test_seed_call_equals_current_trl_call(tiny_dir, tmp_path):
         torch.testing.assert_close(runs[0][1][k], runs[1][1][k], rtol=1e-5, atol=1e-7)
 
 
-def test_trl_sft_trainer_with_a_velotune_model_is_velotune_s(tiny_dir, tmp_path, notices):
+def test_trl_sft_trainer_with_a_velotune_model_is_velotune_s(tiny_dir, tmp_path, notices, monkeypatch):
     """The seed imports the trainer from TRL (`from trl import SFTTrainer`) and calls it with the older keywords:
     given a model FastLanguageModel loaded, TRL's class builds velotune's SFTTrainer, which trains exactly as
     the same call to velotune.SFTTrainer does. TRL's own class runs for other models (its keywords: the old ones
@@ -65,8 +65,10 @@ def test_trl_sft_trainer_with_a_velotune_model_is_velotune_s(tiny_dir, tmp_path,
     import trl
     from transformers import AutoModelForCausalLM
 
+    from velotune import _notices
     from velotune.training import trainer as vt
 
+    monkeypatch.setattr(_notices, "_said", set())  # said once per process: earlier tests may have said it
     runs = []
     for cls in (trl.SFTTrainer, SFTTrainer):
         model, tokenizer = _peft(tiny_dir)
