@@ -34,8 +34,8 @@ def test_memory_report_names_the_graphs_pool(monkeypatch):
     from velotune import device
 
     gib = 1024**3
-    segments = [{"total_size": gib // 2, "segment_pool_id": (0, 0)},
-                {"total_size": gib // 4, "segment_pool_id": (1, 0)}, {"total_size": gib // 8, "segment_pool_id": (1, 0)}]
+    segments = [{"total_size": gib // 2, "segment_pool_id": (0, 0)}, {"total_size": gib // 4, "segment_pool_id": (1, 0)},
+                {"total_size": gib // 8, "segment_pool_id": (1, 0)}]
     assert device.graph_pool_bytes(segments) == 3 * gib // 8
     reserved = iter([1 * gib, 3 * gib])
 

@@ -161,7 +161,7 @@ def test_unsloth_save_model_as_the_seed_calls_it(tiny_dir, tmp_path):
     torch.testing.assert_close(_logits(back.eval(), ids), _logits(model, ids), rtol=0, atol=0)
 
     unsloth_save_model(model, tok, tmp_path / "merged", save_method="merged_16bit", token=None,
-                       maximum_memory_usage=0.75, safe_serialization=True, commit_message="x")
+                       maximum_memory_usage=0.75, safe_serialization=None, commit_message="x", save_function=torch.save)
     model.save_pretrained_merged(tmp_path / "direct", tok, save_method="merged_16bit")
     a, b = load_file(tmp_path / "merged" / "model.safetensors"), load_file(tmp_path / "direct" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -170,6 +170,8 @@ def test_unsloth_save_model_as_the_seed_calls_it(tiny_dir, tmp_path):
     assert not (tmp_path / "other_rank").exists()
     with pytest.raises(VelotuneError, match="safetensors only"):
         unsloth_save_model(model, tok, tmp_path / "x", safe_serialization=False)
+    with pytest.raises(VelotuneError, match="save_peft_format=False"):
+        unsloth_save_model(model, tok, tmp_path / "x", save_peft_format=False)
     with pytest.raises(VelotuneError, match="not a state_dict"):
         unsloth_save_model(model, tok, tmp_path / "x", state_dict={})
     with pytest.raises(VelotuneError, match="upload_folder"):

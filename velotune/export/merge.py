@@ -321,13 +321,14 @@ def save_pretrained_merged(self, save_directory, tokenizer=None, save_method="me
 _UPLOAD_OR_BUFFER_KEYWORDS = frozenset({
     "token", "commit_message", "private", "create_pr", "revision", "commit_description", "tags", "datasets",
     "use_temp_dir", "temporary_location", "maximum_memory_usage"})
-# its keywords that velotune takes at their default only: (default, why another value is refused)
+# its keywords that velotune takes at their defaults only: (accepted values, why another value is refused)
 _DEFAULT_ONLY_KEYWORDS = {
-    "safe_serialization": (True, "velotune writes safetensors only (a pickled file can run code when it is loaded)"),
-    "save_function": (torch.save, "velotune writes safetensors itself; drop save_function"),
-    "state_dict": (None, "velotune reads the weights from the model; pass the model, not a state_dict"),
-    "variant": (None, "velotune does not name files by variant; save into a folder of its own instead"),
-    "save_peft_format": (True, "velotune writes adapters in PEFT's format, which PEFT and Unsloth load"),
+    "safe_serialization": ((True, None), "velotune writes safetensors only (a pickled file can run code when it "
+                                         "is loaded)"),
+    "save_function": ((torch.save,), "velotune writes safetensors itself; drop save_function"),
+    "state_dict": ((None,), "velotune reads the weights from the model; pass the model, not a state_dict"),
+    "variant": ((None,), "velotune does not name files by variant; save into a folder of its own instead"),
+    "save_peft_format": ((True,), "velotune writes adapters in PEFT's format, which PEFT and Unsloth load"),
 }
 
 
@@ -345,8 +346,8 @@ def unsloth_save_model(model, tokenizer, save_directory, save_method: str = "lor
     unknown = sorted(set(kwargs) - _UPLOAD_OR_BUFFER_KEYWORDS - set(_DEFAULT_ONLY_KEYWORDS))
     if unknown:
         raise TypeError(f"unsloth_save_model() got unexpected argument(s) {unknown}")
-    for name, (default, why) in _DEFAULT_ONLY_KEYWORDS.items():
-        if name in kwargs and kwargs[name] is not default and kwargs[name] != default:
+    for name, (accepted, why) in _DEFAULT_ONLY_KEYWORDS.items():
+        if name in kwargs and not any(kwargs[name] is ok for ok in accepted):
             raise VelotuneError(f"unsloth_save_model({name}={kwargs[name]!r}): {why}")
     if push_to_hub:
         raise VelotuneError("velotune saves locally: unsloth_save_model(..., push_to_hub=False), then upload the "
