@@ -191,3 +191,13 @@ def test_modelfile_carries_a_custom_system_message():
     assert 'SYSTEM """Say "hi" first."""' in modelfile_text("m.gguf", tok)
     tok = templated_tokenizer("chatml", system_message='Has """ inside')
     assert 'SYSTEM "Has \\"\\"\\" inside"' in modelfile_text("m.gguf", tok)
+
+
+def test_the_incumbents_module_path_names_the_same_functions():
+    """`from unsloth.chat_templates import ...` scripts switch by the package name alone."""
+    import velotune
+    from velotune import chat_templates
+
+    for name in ("get_chat_template", "standardize_sharegpt", "train_on_responses_only"):
+        assert getattr(chat_templates, name) is getattr(velotune, name)
+    assert sorted(chat_templates.__all__) == ["get_chat_template", "standardize_sharegpt", "train_on_responses_only"]
