@@ -179,3 +179,14 @@ def test_unsloth_save_model_as_the_seed_calls_it(tiny_dir, tmp_path):
     with pytest.raises(TypeError, match="save_pretrained_gguf_please"):
         unsloth_save_model(model, tok, tmp_path / "x", save_pretrained_gguf_please=True)
     assert not (tmp_path / "x").exists()
+
+
+def test_push_to_hub_methods_name_the_local_save_and_the_upload(tiny_dir):
+    """The incumbent's push_to_hub_merged / push_to_hub_gguf exist on velotune's models and refuse with the fix
+    (velotune writes locally), instead of an AttributeError."""
+    model, tok = _trained_like(tiny_dir)
+    with pytest.raises(VelotuneError, match=r"save_pretrained_merged\(folder.*upload_folder\(repo_id='me/m'"):
+        model.push_to_hub_merged("me/m", tok, save_method="merged_16bit", token="hf_x")
+    with pytest.raises(VelotuneError, match=r"save_pretrained_gguf\(folder.*upload_folder"):
+        model.push_to_hub_gguf("me/m", tok, quantization_method="q4_k_m")
+    assert model.push_to_hub_gguf.__name__ == "push_to_hub_gguf"

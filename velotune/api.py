@@ -21,6 +21,21 @@ def _attach_methods(model) -> None:
 
     model.save_pretrained_merged = types.MethodType(save_pretrained_merged, model)
     model.save_pretrained_gguf = types.MethodType(_save_pretrained_gguf, model)
+    model.push_to_hub_merged = types.MethodType(_push_to_hub("save_pretrained_merged"), model)
+    model.push_to_hub_gguf = types.MethodType(_push_to_hub("save_pretrained_gguf"), model)
+
+
+def _push_to_hub(save: str):
+    """The incumbent's ``push_to_hub_*`` methods: velotune writes locally, so each raises, naming the
+    local save and the upload call that together do the same."""
+    def push(self, repo_id=None, *args, **kwargs):
+        raise VelotuneError(
+            f"velotune does not upload: model.{save}(folder, tokenizer, ...) writes the files, then "
+            f"huggingface_hub.upload_folder(repo_id={repo_id!r}, folder_path=folder) uploads them")
+
+    push.__name__ = push.__qualname__ = f"push_to_hub_{save.rsplit('_', 1)[1]}"
+    push.__doc__ = f"Raises: velotune saves locally (model.{save}); upload the folder with huggingface_hub."
+    return push
 
 
 def _save_pretrained_gguf(self, save_directory, tokenizer=None, quantization_method="fast_quantized", **kwargs):
