@@ -101,6 +101,6 @@ def wrap_trainer_collator(trainer, model, state) -> bool:
         max_length *= args.per_device_train_batch_size  # the rows of a batch become one row
     trainer.data_collator = BucketPadding(trainer.data_collator, pad, max_length)
     say_once("bucket-padding", f"training batches are right-padded to multiples of {trainer.data_collator.step} "
-             f"tokens (at most {trainer.data_collator.n_buckets} lengths) so CUDA graphs can be reused; the loss is unchanged "
-             "(velotune.set_cuda_graphs(model, False) turns both off)")
+             f"tokens (at most {trainer.data_collator.n_buckets} lengths) so CUDA graphs can be reused; the loss is "
+             "unchanged (velotune.set_cuda_graphs(model, False) turns both off)")
     return True

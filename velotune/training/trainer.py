@@ -50,8 +50,11 @@ _LEGACY_KEYS = {
 
 
 def _velotune_state(model):
+    """velotune's state of a model FastLanguageModel loaded; None for anything else (None, a hub name, ...)."""
     from ..loading import state_of
 
+    if model is None or isinstance(model, str):
+        return None
     try:
         return state_of(model)
     except (VelotuneError, AttributeError):
@@ -60,7 +63,7 @@ def _velotune_state(model):
 
 def to_sft_config(args, legacy: dict, model=None) -> trl.SFTConfig:
     """Build the ``SFTConfig`` TRL needs from ``args`` (None, TrainingArguments or SFTConfig) + legacy kwargs."""
-    st = _velotune_state(model) if model is not None else None
+    st = _velotune_state(model)
     if args is None:
         bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         fields = dict(output_dir="outputs", bf16=bf16, fp16=torch.cuda.is_available() and not bf16, report_to="none")
@@ -294,7 +297,7 @@ class SFTTrainer(AtomicCheckpointMixin, trl.SFTTrainer):
         if tokenizer is not None and processing_class is not None and tokenizer is not processing_class:
             raise VelotuneError("pass the tokenizer once: tokenizer= and processing_class= name different objects")
         processing_class = processing_class if processing_class is not None else tokenizer
-        st = _velotune_state(model) if model is not None and not isinstance(model, str) else None
+        st = _velotune_state(model)
         if processing_class is None and st is not None:
             processing_class = st.tokenizer
         fsdp = _fsdp_request(args) if st is not None else None
@@ -494,16 +497,12 @@ ROUTE_TRL_SFTTRAINER = True
 _TRL_SFTTRAINER = trl.SFTTrainer  # TRL's class, as imported
 
 
-def _velotune_model_arg(args, kwargs):
-    model = kwargs.get("model", args[0] if args else None)
-    return model is not None and not isinstance(model, str) and _velotune_state(model) is not None
-
-
 def _route_trl_sft_trainer(cls, *args, **kwargs):
     """``__new__`` of TRL's SFTTrainer: an instance of velotune's SFTTrainer when TRL's own class (not a
     subclass) is called with a velotune model; Python then runs that instance's ``__init__`` with the call's
     arguments, once."""
-    if cls is _TRL_SFTTRAINER and ROUTE_TRL_SFTTRAINER and _velotune_model_arg(args, kwargs):
+    if cls is _TRL_SFTTRAINER and ROUTE_TRL_SFTTRAINER \
+            and _velotune_state(kwargs.get("model", args[0] if args else None)) is not None:
         say_once("trl-sft-route", "trl.SFTTrainer was given a velotune model: it runs as velotune.SFTTrainer (the "
                  "seed's keywords accepted, velotune's loss and optimizer; "
                  "velotune.training.trainer.ROUTE_TRL_SFTTRAINER = False turns this off)")
