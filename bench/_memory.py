@@ -71,7 +71,9 @@ def log_captures(path: str) -> None:
         before = torch.cuda.memory_reserved()
         init(self, make_run_layer, layers, x_example, *a, **k)
         with open(path, "a") as f:
+            cut, held = getattr(self, "scratch", None) or (0, 0)
             f.write(f"capture {tuple(x_example.shape[:2])}: reserved {before / 2**20:.0f} -> "
-                    f"{torch.cuda.memory_reserved() / 2**20:.0f} MiB; {pools()}\n")
+                    f"{torch.cuda.memory_reserved() / 2**20:.0f} MiB; warm-up cut {cut / 2**20:.0f} MiB "
+                    f"({held / 2**20:.0f} held); {pools()}\n")
 
     graphs.GraphSet.__init__ = logged

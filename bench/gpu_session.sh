@@ -4,7 +4,7 @@
 # still returns the first answers.
 # The device's copy of the tree carries a stale .git: pass the commit, VELOTUNE_COMMIT=$(git rev-parse --short HEAD)
 # (+dirty for uncommitted changes), in the command, or the rows record the wrong one.
-#   OUT=/tmp/out bash bench/gpu_session.sh [tests|new|attention|train1b|train8b|memory|poolmem|packing|workflow|decode|all|long|probe|ddp|fsdp70b|gguf]...
+#   OUT=/tmp/out bash bench/gpu_session.sh [tests|new|attention|train1b|train8b|memory|poolmem|poolsize|packing|workflow|decode|all|long|probe|ddp|fsdp70b|gguf]...
 # (several stages run in the order given)
 set -u
 OUT=${OUT:-/tmp/velotune-gpu}
@@ -44,6 +44,12 @@ if [[ $what == poolmem ]]; then  # the SFT workflow's CUDA-graph pool: one line 
   for b in ${BUCKETS:-8 4}; do
     timeout 200 python bench/packing.py --shape 1b --examples ${EXAMPLES:-128} --modes padded padfree --buckets $b --timeout 90 \
       --memory-trace "$OUT" --results "$OUT/packing-mem.jsonl" --workdir /tmp/vb 2>&1 | grep --line-buffered "\[packing\]" | tee -a "$OUT/poolmem.txt"
+  done
+fi
+if [[ $what == poolsize ]]; then  # the graphs' pool sized for the longest batch (RESERVE_POOL) vs not, same run
+  for sz in "" --no-pool-sizing; do
+    timeout 280 python bench/packing.py --shape 1b --examples ${EXAMPLES:-256} --modes ${MODES:-padded padfree packed} $sz \
+      --timeout 120 --results "$OUT/packing.jsonl" --workdir /tmp/vb 2>&1 | grep --line-buffered "\[packing\]" | tee -a "$OUT/poolsize.txt"
   done
 fi
 if [[ $what == packing || $what == all ]]; then

@@ -126,7 +126,12 @@ def one_mode(args) -> dict:
         from velotune.training import buckets
 
         buckets.N_BUCKETS = args.buckets
-    variant = ("-nographs" if args.no_graphs else "") + (f"-b{args.buckets}" if args.buckets else "")
+    if args.no_pool_sizing and peer == "velotune":
+        from velotune.models import graphs
+
+        graphs.RESERVE_POOL = False
+    variant = ("-nographs" if args.no_graphs else "") + (f"-b{args.buckets}" if args.buckets else "") + \
+        ("-unsized" if args.no_pool_sizing else "")
     if args.memory_trace and cuda and peer == "velotune":
         log_captures(str(Path(args.memory_trace) / f"captures-{args.mode}{variant}.txt"))
     import torch
@@ -184,6 +189,7 @@ def one_mode(args) -> dict:
         "final_loss": trainer.state.log_history[-1].get("train_loss"),
         **({"graphs": False} if args.no_graphs and peer == "velotune" else {}),
         **({"buckets": args.buckets} if args.buckets and peer == "velotune" else {}),
+        **({"pool_sizing": False} if args.no_pool_sizing and peer == "velotune" else {}),
     }
 
 
@@ -206,6 +212,8 @@ def main() -> int:
     p.add_argument("--memory-trace", help="folder: each mode writes where its GPU memory went (memory-MODE.txt)")
     p.add_argument("--no-graphs", action="store_true", help="velotune's modes without CUDA graphs (a control)")
     p.add_argument("--buckets", type=int, default=None, help="velotune's bucket lengths (training.buckets.N_BUCKETS)")
+    p.add_argument("--no-pool-sizing", action="store_true",
+                   help="velotune's graphs' pool not sized for the longest batch (models.graphs.RESERVE_POOL; a control)")
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "velotune-bench"))
     args = p.parse_args()
     if args.mode:  # child process: one mode
@@ -226,7 +234,8 @@ def main() -> int:
                str(args.warmup), "--seed", str(args.seed), "--device", args.device, "--workdir", str(work),
                "--logging-steps", str(args.logging_steps)]
         cmd += (["--memory-trace", args.memory_trace] if args.memory_trace else []) + \
-            (["--no-graphs"] if args.no_graphs else []) + (["--buckets", str(args.buckets)] if args.buckets else [])
+            (["--no-graphs"] if args.no_graphs else []) + (["--buckets", str(args.buckets)] if args.buckets else []) + \
+            (["--no-pool-sizing"] if args.no_pool_sizing else [])
         t = time.perf_counter()
         row = run_child(cmd, out, args.timeout, lambda msg: {"mode": mode, "error": msg})
         row.update(run_id=run_id, bench="packing", shape=f"llama-{args.shape}", card=card, examples=args.examples,
@@ -235,7 +244,8 @@ def main() -> int:
         with open(args.results, "a") as f:
             f.write(json.dumps(row) + "\n")
         print(f"[packing] {args.shape} {mode}: " + json.dumps({k: row.get(k) for k in
-              ("tokens_per_s", "tokens_per_s_with_warmup", "steps", "batches_per_step", "real_tokens", "peak_reserved_gib", "error")}),
+              ("tokens_per_s", "tokens_per_s_with_warmup", "steps", "batches_per_step", "real_tokens", "peak_alloc_gib",
+               "peak_reserved_gib", "error")}),
               flush=True)
     return 0
 

@@ -112,6 +112,7 @@ def test_sft_trainer_buckets_batches_when_graphs_will_run(tiny_dir, tmp_path, mo
 
     from velotune import SFTTrainer, get_alpaca_formatter, set_cuda_graphs
     from velotune.data.bundled import load_alpaca_dataset
+    from velotune.loading import state_of
     from velotune.models import graphs
     from velotune.training.buckets import BucketPadding
 
@@ -136,12 +137,20 @@ def test_sft_trainer_buckets_batches_when_graphs_will_run(tiny_dir, tmp_path, mo
         assert isinstance(trainer.data_collator, BucketPadding) == (mode == "auto")
         if mode == "auto":  # packed / padding-free: the two rows of a batch become one row of up to 2 x 256 tokens
             assert trainer.data_collator.max_length == (512 if packed else 256)
+            # the longest batch the dataset gives, which the graphs' pool is sized for: from the longest tokenized
+            # example where rows are padded (or padding-free), a full batch where TRL packs
+            longest = max(len(ids) for ids in trainer.train_dataset["input_ids"])
+            hint = state_of(model).longest_batch_tokens
+            pad = trainer.data_collator.length_for
+            assert hint == {"padded": 2 * pad(longest), "padfree": pad(2 * longest), "packed": 512}[layout]
+            assert layout == "packed" or hint < 512  # the tiny examples are shorter than max_length
         eager.clear()
         trainer.train()
         st = graphs.state_of(model.get_base_model())
         runs[mode] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         if mode == "auto":
             assert 0 < st.captures and all(key[0][1] % 64 == 0 for key in st.sets)  # bucket lengths only
+            assert max(key[0][0] * key[0][1] for key in st.sets) <= hint  # no batch longer than expected
             assert all(key[0][0] == 1 for key in st.sets) == packed
             assert len(eager) == 6 and not any(eager), eager  # every step through the graphs
             assert st.arena.generation == 0 and st.captures == len(st.sets)  # no recorded shape dropped

@@ -7,6 +7,7 @@ must not exceed HF's by more than a stated margin, for the loss and every LoRA g
 from __future__ import annotations
 
 import copy
+import gc
 
 import pytest
 import torch
@@ -563,6 +564,48 @@ def test_cuda_graphs_padding_free_rows_keep_their_shapes(tmp_path, monkeypatch):
             assert (st.captures, len(st.sets), st.arena.generation) == (4, 4, 0)
         del model
     _assert_runs_agree(runs)
+
+
+def test_graph_pool_sized_for_the_longest_batch(tmp_path, monkeypatch):
+    """With the longest batch known (what SFTTrainer reads from its dataset: VelotuneState.longest_batch_tokens),
+    the graphs' pool is sized at its first capture, so recording a longer batch later cuts no large segment;
+    without the sizing, it does (the control: the growth is real in this setup). The sizing moves no result:
+    both runs' losses are bitwise the same."""
+    from velotune import set_cuda_graphs
+    from velotune.device import in_graph_pool
+    from velotune.loading import state_of
+    from velotune.models import graphs
+
+    path = _make("llama", tmp_path)
+    lengths = [512, 2048, 1024]
+    runs = {}
+    for sized in (True, False):
+        monkeypatch.setattr(graphs, "RESERVE_POOL", sized)
+        model = _lora(path, load_in_4bit=True)
+        state_of(model).batch_tokens = state_of(model).longest_batch_tokens = 2 * 2048
+        set_cuda_graphs(model, True)
+        gen = torch.Generator(device="cuda").manual_seed(3)
+        losses, large = [], []
+        for t in lengths:
+            ids = torch.randint(3, 500, (2, t), device="cuda", generator=gen)
+            model.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            losses.append(loss.item())
+            large.append(sorted(seg["total_size"] for seg in torch.cuda.memory_snapshot()
+                                if in_graph_pool(seg) and seg["total_size"] > 2 * 2**20))
+        st = graphs.state_of(model.get_base_model())
+        assert st.captures == len(lengths)
+        runs[sized] = losses, large, (st.reserved[0] is not None, st.reserved[1])  # not the graph: it holds the pool
+        del model, st
+        gc.collect()
+        torch.cuda.empty_cache()
+    (l1, large1, reserved1), (l0, large0, reserved0) = runs[True], runs[False]
+    assert l1 == l0
+    assert reserved0 == (False, 0) and reserved1[0] and reserved1[1] > 0
+    assert large1[0] == large1[1] == large1[2], f"segments of the sized pool after each capture (bytes): {large1}"
+    assert len(large0[1]) > len(large0[0]), f"unsized pool (control): {large0}"
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])

@@ -43,6 +43,10 @@ class VelotuneState:
     # SFTTrainer: per-device batch x max_length); sizes the CUDA graphs' shared buffers, so that padding-free
     # rows (one row of every example of a batch) do not grow them, and drop every recorded shape, step after step
     batch_tokens: int = 0
+    # the tokens of the longest batch the trainer expects from its dataset (rows x bucket length; 0: unknown):
+    # the CUDA graphs' pool is sized for it at the first capture, so a longer batch later reuses the pool
+    # instead of adding segments of its own (models/graphs.py: reserve)
+    longest_batch_tokens: int = 0
     extra: dict = field(default_factory=dict)
 
 

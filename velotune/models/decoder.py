@@ -510,7 +510,8 @@ def _graphed_stack(model, layers, x, plan, attn_plans, position_ids, policy="rec
     return graphs.run_stack(model, layers, x, make_run_layer, key_extra=key,
                             check=lambda: all(_graph_fusable(layer, plan) for layer in layers), policy=policy,
                             max_tokens=max_tokens, inputs=inputs,
-                            frozen_weights=lambda: _frozen_4bit(layers), offload_rest=can_offload)
+                            frozen_weights=lambda: _frozen_4bit(layers), offload_rest=can_offload,
+                            expect_tokens=getattr(vs, "longest_batch_tokens", 0) or 0)
 
 
 def _frozen_4bit(layers) -> list:

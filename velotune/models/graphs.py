@@ -71,6 +71,16 @@ _MAX_CAPTURES = 8  # per model in "auto": distinct shapes recorded; shapes that 
 # memory-bound. mode=True still records them.
 AUTO_MAX_TOKENS = 65536
 _WARMUP_STEPS = 1  # eager runs of each captured piece before capture (Triton compile, cuBLAS init)
+# Size the graphs' pool at the first capture for the longest batch a trainer expects (VelotuneState.
+# longest_batch_tokens) instead of letting each new longest batch shape add segments of its own. Why: the
+# caching allocator cuts a segment per large temporary of a capture (the MLP's, ~64 MiB each at the 1B shape,
+# bs 2 x 2048), and a later capture of a longer batch cannot use the shorter batch's free blocks, while a
+# shorter one fits in a longer one's. Measured (H200, the SFTTrainer workflow, 1B, bucket lengths arriving
+# 1280, 1792, 1024, 2048, ...): the pool grew 394 -> 620 -> 878 MiB, against 508 MiB when 2 x 2048 is
+# recorded alone. With it, one free segment of the size the first capture's warm-up measured, scaled to the
+# longest batch, is taken before the first capture, and every capture splits its temporaries from it.
+# Only "recompute" / "offload" (the pool holds temporaries alone; "keep" / "auto" hold activations per set).
+RESERVE_POOL = True
 
 # torch.cuda.graph's capture_error_mode (CUDA's stream-capture interaction mode); bench/diag_graphs.py
 # tries the others.
@@ -310,7 +320,7 @@ class GraphSet:
 
     def __init__(self, make_run_layer, layers, x_example: torch.Tensor, autocast, emulate: bool, policy: str,
                  arena: _Arena, pool=None, min_numel: int = 0, budget=None, inputs=None, hold_weights=None,
-                 offload_rest: bool = False):
+                 offload_rest: bool = False, reserve=None):
         self.layers, self.autocast, self.emulate = list(layers), autocast, emulate
         # per-call attention inputs (positions, masks, sequence starts): this set's own static copies,
         # refilled before every replay (set_inputs); the layers read them through run_layer. Not in the shared
@@ -334,7 +344,8 @@ class GraphSet:
         shape, dt, dev = tuple(x_example.shape), x_example.dtype, x_example.device
         self.used = [None] * n  # per layer: which parameters got a gradient at capture
         self.saved = [None] * n  # kept layers: (input, output) of the recorded forward, whose graph holds
-        self.layer_bytes = self._warm_up(x_example)  # activations one kept layer holds (CUDA), else None
+        # activations one kept layer holds and the segments the warm-up's temporaries took (CUDA), else None
+        self.layer_bytes, self.scratch = self._warm_up(x_example)
         if not emulate:
             # the warm-up ran on a stream of its own, and the caching allocator keeps what was freed there for
             # that stream alone: given back now, before the planner reads the free memory and the capture
@@ -343,6 +354,8 @@ class GraphSet:
             # cuBLASLt's) that no free gives back: dropped too (the main stream's comes back at its next matmul)
             _clear_cublas_workspaces()
             torch.cuda.empty_cache()
+            if reserve is not None and policy in ("recompute", "offload") and self.scratch is not None:
+                reserve(*self.scratch)  # before the planner reads the free memory
         mem_info = None if emulate else _free_memory()
         # weights, adapters, ...: inside a budget; and what the first step has yet to allocate for gradients
         in_use = 0 if emulate else torch.cuda.memory_allocated() + _pending_grad_bytes(self.params, arena)
@@ -516,12 +529,19 @@ class GraphSet:
     def _wait_ready(self, i: int) -> None:
         _wait(self.ready, i)
 
-    def _warm_up(self, x0: torch.Tensor) -> None:
+    def _warm_up(self, x0: torch.Tensor) -> tuple:
         """Run every piece eagerly once, exactly as it will be captured (the no-grad forward and the
         recompute + backward), so each kernel variant is compiled and each library plan built before
-        capture: nothing may load a module or allocate a library workspace while capturing."""
+        capture: nothing may load a module or allocate a library workspace while capturing. Returns (the
+        bytes one layer's activations hold when kept, (bytes of segments the warm-up cut, bytes of them still
+        allocated at its end)); (None, None) in emulation."""
         if self.emulate:
-            return None
+            return None, None
+        # the default pool's free cache goes first, so the warm-up's own segments do not come on top of it (the
+        # peak reserved memory of a capturing step); they are new segments of a new stream, so what they add to
+        # the reserved memory is the high-water mark of the warm-up's temporaries (the pool's need, reserve)
+        torch.cuda.empty_cache()
+        reserved, allocated = torch.cuda.memory_reserved(), torch.cuda.memory_allocated()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         layer_bytes = None
@@ -539,8 +559,34 @@ class GraphSet:
                             layer_bytes = torch.cuda.memory_allocated() - before
                         torch.autograd.grad(out, [xr] + targets, grad_outputs=torch.ones_like(out), allow_unused=True)
                     x = nxt  # the forward's output (a recompute's skips the MLP's down projection)
+            del x, nxt, out, targets, xr
         torch.cuda.current_stream().wait_stream(side)
-        return layer_bytes
+        # (bytes cut for the warm-up, bytes of them still held at its end: cuBLAS' workspaces of the stream)
+        scratch = (torch.cuda.memory_reserved() - reserved, max(0, torch.cuda.memory_allocated() - allocated))
+        return layer_bytes, scratch
+
+
+def reservation_bytes(scratch: int, kept: int, tokens: int, expect: int) -> int:
+    """Bytes to give the graphs' pool before its first capture, for batches of up to ``expect`` tokens, from a
+    warm-up at ``tokens`` that cut ``scratch`` bytes of segments and still held ``kept`` of them at its end:
+    the temporaries scale with the tokens, the held part (cuBLAS' workspaces, which the capture's stream takes
+    in the pool too) does not. 0 when the batch is already the longest expected (its capture cuts the
+    segments every shorter batch then fits in)."""
+    if expect <= tokens or scratch <= kept:
+        return 0
+    return int((scratch - kept) * expect / tokens) + kept
+
+
+def _reserve_pool(pool, nbytes: int):
+    """One free segment of ``nbytes`` in the graphs' memory ``pool``: taken and freed inside a capture (the
+    way a graph's temporaries are), so the allocator keeps it in the pool for the captures that follow, which
+    split their temporaries from it. Returns the (empty) graph, which keeps the pool alive while held."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode=CAPTURE_ERROR_MODE):
+        block = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+        block[:1].zero_()  # one node: an empty graph draws torch's warning
+        del block
+    return graph
 
 
 def _clear_cublas_workspaces() -> None:
@@ -619,6 +665,7 @@ class _State:
         self.broken: Optional[str] = None
         self.arena = _Arena()
         self.pool = None  # one CUDA graph memory pool for every set (temporaries only)
+        self.reserved = None  # (a graph that keeps the pool, bytes) once the pool was sized (RESERVE_POOL)
         self.memory_budget = None  # the "auto" planner's budget (plan_keep)
         self.resident: list = []  # frozen weights held dequantised for the recorded steps (GraphSet.resident)
         self.no_room: set = set()  # keys of shapes whose host copies did not fit (HostMemoryShort): eager
@@ -640,7 +687,7 @@ def _release(st: _State) -> None:
     for gs in st.sets.values():
         gs.close()
     st.sets.clear()
-    st.arena, st.pool = _Arena(), None
+    st.arena, st.pool, st.reserved = _Arena(), None, None
     release_weights(st)
     gc.collect()
     if torch.cuda.is_available():
@@ -722,6 +769,19 @@ def set_cuda_graphs(model, mode) -> None:
     base.__dict__["_velotune_graphs"] = _State(mode)
 
 
+def _reserver(st: _State, tokens: int, expect: int):
+    """GraphSet's ``reserve(scratch, kept)`` for a capture of ``tokens``: sizes the pool once, before its
+    first capture (RESERVE_POOL), for batches of ``expect`` tokens; None where there is nothing to size."""
+    if not RESERVE_POOL or st.reserved is not None or st.pool is None or not expect:
+        return None
+
+    def reserve(scratch: int, kept: int) -> None:
+        nbytes = reservation_bytes(scratch, kept, tokens, expect)
+        st.reserved = (_reserve_pool(st.pool, nbytes) if nbytes else None, nbytes)
+
+    return reserve
+
+
 def autocast_state(device_type: str) -> dict:
     """The current autocast settings, to re-enter them where a layer is recorded or recomputed."""
     on = torch.is_autocast_enabled(device_type)
@@ -732,7 +792,7 @@ def autocast_state(device_type: str) -> dict:
 
 def run_stack(model, layers, x: torch.Tensor, make_run_layer, key_extra=(), check=lambda: True,
               policy: str = "recompute", max_tokens: int = 0, inputs=None, frozen_weights=None,
-              offload_rest: bool = False) -> Optional[torch.Tensor]:
+              offload_rest: bool = False, expect_tokens: int = 0) -> Optional[torch.Tensor]:
     """The stack's output through CUDA graphs, or None when the eager path should run.
 
     ``make_run_layer(static_inputs)`` returns the eager layer ``run_layer(layer, x)`` reading the
@@ -745,7 +805,8 @@ def run_stack(model, layers, x: torch.Tensor, make_run_layer, key_extra=(), chec
     ``frozen_weights()`` lists the layers' frozen 4-bit weights (``hold(dtype)`` / ``release()`` /
     ``weight_shape``), which "auto" may hold dequantised when memory is left (RESIDENT_ON_CUDA);
     ``offload_rest``: offloading is available, so "auto" may have the layers it does not keep wait in host
-    memory (AUTO_OFFLOAD_ON_CUDA).
+    memory (AUTO_OFFLOAD_ON_CUDA); ``expect_tokens``: the longest batch (rows x length) a trainer expects,
+    which the pool is sized for at its first capture (RESERVE_POOL; 0: not known, no sizing).
     """
     st = state_of(model)
     if st.mode is False or st.broken is not None:
@@ -789,11 +850,14 @@ def run_stack(model, layers, x: torch.Tensor, make_run_layer, key_extra=(), chec
             # memory while that long batch needs it most (at max_seq_length 409,600 on the 8B shape: 16 GiB of
             # GPU ring and gradient buffers, and 31 x 4 GiB page-locked host buffers, none ever read)
             max_tokens = min(max_tokens, AUTO_MAX_TOKENS)
+            expect_tokens = min(expect_tokens, AUTO_MAX_TOKENS)
+        sizing = st.reserved is None
         try:
             hold = None if frozen_weights is None else (lambda dtype, spare: _hold(st, frozen_weights(), dtype, spare))
             gs = GraphSet(make_run_layer, layers, x.detach(), ac, emulate, policy, st.arena, st.pool,
                           min_numel=max_tokens * x.shape[-1], budget=st.memory_budget, inputs=inputs,
-                          hold_weights=hold, offload_rest=offload_rest and (emulate or AUTO_OFFLOAD_ON_CUDA))
+                          hold_weights=hold, offload_rest=offload_rest and (emulate or AUTO_OFFLOAD_ON_CUDA),
+                          reserve=_reserver(st, x.shape[0] * x.shape[1], expect_tokens))
         except HostMemoryShort as e:  # this shape only, said once; the eager offload keeps its own host reserve
             st.no_room.add(key)
             say_once(f"graphs-host-{id(st)}", f"CUDA graphs: recording batch {tuple(x.shape[:2])} would take {e} "
@@ -819,8 +883,14 @@ def run_stack(model, layers, x: torch.Tensor, make_run_layer, key_extra=(), chec
         how = {"offload": "layer inputs offloaded to host memory", "recompute": "recompute checkpointing",
                "keep": "activations kept"}.get(policy, f"{kept} of {len(layers)} layers keep their activations, "
                                                f"the rest {rest} (memory planner)")
+        sized = ""
+        if st.reserved is None:
+            st.reserved = (None, 0)  # this pool holds a capture's segments now: too late to size it
+        elif sizing and st.reserved[0] is not None:
+            sized = (f"; their memory pool sized at {st.reserved[1] / 2**20:.0f} MiB for the longest batch expected, "
+                     f"{expect_tokens} tokens")
         say(f"CUDA graphs: captured {len(layers)} layers for batch {tuple(x.shape[:2])} in "
-            f"{time.perf_counter() - t:.1f} s ({how})")
+            f"{time.perf_counter() - t:.1f} s ({how}{sized})")
     else:
         st.sets.move_to_end(key)
         gs.set_inputs(inputs or {})

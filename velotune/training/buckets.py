@@ -73,13 +73,31 @@ class BucketPadding:
         return batch
 
 
+def longest_example(dataset) -> int | None:
+    """Tokens in the longest ``input_ids`` row of a tokenized ``datasets.Dataset`` (read from its Arrow column,
+    without decoding rows; a selected or shuffled dataset answers for the table under it, an upper bound), or
+    None where that is not known (no such column, an iterable dataset, another kind of dataset)."""
+    table = getattr(dataset, "data", None)
+    names = getattr(table, "column_names", None)
+    if names is None or "input_ids" not in names:
+        return None
+    try:
+        import pyarrow.compute as pc
+
+        longest = pc.max(pc.list_value_length(table.column("input_ids"))).as_py()
+    except Exception:  # noqa: BLE001 - not a list column: unknown, which only costs the pool's sizing
+        return None
+    return int(longest) if longest is not None else None
+
+
 def wrap_trainer_collator(trainer, model, state) -> bool:
     """Give ``trainer`` bucket padding when the CUDA-graph path will train this model: a velotune model
     with gradient checkpointing, graphs not turned off, on CUDA. Packed / padding-free batches (one row
     of up to ``per_device_train_batch_size x max_length`` tokens) get buckets of that length. The model's
     state learns that token count (``batch_tokens``: the graphs size their shared buffers for it, so a
-    longer row later does not drop the shapes recorded so far). Says so once. Returns whether the
-    collator was wrapped."""
+    longer row later does not drop the shapes recorded so far), and the longest batch the dataset will give
+    (``longest_batch_tokens``: the graphs' pool is sized for it at the first capture). Says so once. Returns
+    whether the collator was wrapped."""
     from .._notices import say_once
     from ..models import graphs
 
@@ -95,11 +113,21 @@ def wrap_trainer_collator(trainer, model, state) -> bool:
     pad = getattr(tok, "pad_token_id", None)
     if pad is None or trainer.data_collator is None:
         return False
-    max_length = getattr(args, "max_length", None) or state.max_seq_length
-    state.batch_tokens = max(state.batch_tokens, args.per_device_train_batch_size * max_length)
-    if getattr(args, "packing", False) or getattr(args, "padding_free", False):
-        max_length *= args.per_device_train_batch_size  # the rows of a batch become one row
-    trainer.data_collator = BucketPadding(trainer.data_collator, pad, max_length)
+    cut = getattr(args, "max_length", None)  # where TRL truncates the examples (None: it does not)
+    max_length = cut or state.max_seq_length
+    rows = args.per_device_train_batch_size
+    state.batch_tokens = max(state.batch_tokens, rows * max_length)
+    packing = getattr(args, "packing", False)
+    found = None if packing else longest_example(trainer.train_dataset)
+    longest = max_length if found is None else min(found, cut or found)
+    if packing or getattr(args, "padding_free", False):
+        max_length *= rows  # the rows of a batch become one row
+        trainer.data_collator = BucketPadding(trainer.data_collator, pad, max_length)
+        longest_batch = trainer.data_collator.length_for(rows * longest)
+    else:
+        trainer.data_collator = BucketPadding(trainer.data_collator, pad, max_length)
+        longest_batch = rows * trainer.data_collator.length_for(longest)
+    state.longest_batch_tokens = max(state.longest_batch_tokens, longest_batch)
     say_once("bucket-padding", f"training batches are right-padded to multiples of {trainer.data_collator.step} "
              f"tokens (at most {trainer.data_collator.n_buckets} lengths) so CUDA graphs can be reused; the loss is "
              "unchanged (velotune.set_cuda_graphs(model, False) turns both off)")
