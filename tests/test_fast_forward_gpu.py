@@ -569,8 +569,9 @@ def test_cuda_graphs_padding_free_rows_keep_their_shapes(tmp_path, monkeypatch):
 def test_graph_pool_sized_for_the_longest_batch(tmp_path, monkeypatch):
     """With the longest batch known (what SFTTrainer reads from its dataset: VelotuneState.longest_batch_tokens),
     the graphs' pool is sized at its first capture, so recording a longer batch later cuts no large segment;
-    without the sizing, it does (the control: the growth is real in this setup). The sizing moves no result:
-    both runs' losses are bitwise the same."""
+    without the sizing, it does (the control: the growth is real in this setup). The later captures' warm-ups
+    allocate from the sized pool instead of cutting segments beside it. The sizing moves no result: both runs'
+    losses are bitwise the same."""
     from velotune import set_cuda_graphs
     from velotune.device import in_graph_pool
     from velotune.loading import state_of
@@ -597,6 +598,11 @@ def test_graph_pool_sized_for_the_longest_batch(tmp_path, monkeypatch):
                                 if in_graph_pool(seg) and seg["total_size"] > 2 * 2**20))
         st = graphs.state_of(model.get_base_model())
         assert st.captures == len(lengths)
+        cut = [gs.scratch[0] for gs in st.sets.values()]  # segments each capture's warm-up cut, in capture order
+        if sized:  # the later warm-ups ran in the sized pool (WARM_UP_IN_POOL): at most a small-block segment
+            assert cut[0] > 0 and all(c <= 2 * 2**20 for c in cut[1:]), cut
+        else:
+            assert all(c > 2 * 2**20 for c in cut), cut
         runs[sized] = losses, large, (st.reserved[0] is not None, st.reserved[1])  # not the graph: it holds the pool
         del model, st
         gc.collect()

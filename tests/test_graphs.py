@@ -384,12 +384,13 @@ def test_memory_planner_keeps_what_fits():
 def test_pool_reservation_scales_the_warm_ups_temporaries():
     """The pool is sized for the longest batch expected from a warm-up at a shorter one: the temporaries (what
     the warm-up cut minus what it still held) scale with the tokens, the held part (cuBLAS' workspaces) does
-    not; a batch already the longest, or no temporaries measured, sizes nothing."""
+    not; a batch already the longest (or none expected) gets what its warm-up cut; no temporaries, nothing."""
     mib = 2**20
     # bs 2 x 1280 warm-up cut 394 MiB, 64 of them held at its end: 330 MiB of temporaries -> 2 x 2048: 528 + 64
     assert graphs.reservation_bytes(394 * mib, 64 * mib, 2560, 4096) == 528 * mib + 64 * mib
-    assert graphs.reservation_bytes(394 * mib, 64 * mib, 4096, 4096) == 0
-    assert graphs.reservation_bytes(394 * mib, 64 * mib, 4096, 2560) == 0
+    assert graphs.reservation_bytes(394 * mib, 64 * mib, 4096, 4096) == 394 * mib
+    assert graphs.reservation_bytes(394 * mib, 64 * mib, 4096, 2560) == 394 * mib
+    assert graphs.reservation_bytes(394 * mib, 64 * mib, 4096, 0) == 394 * mib
     assert graphs.reservation_bytes(64 * mib, 64 * mib, 1024, 4096) == 0
 
 
@@ -401,7 +402,7 @@ def test_pool_is_sized_only_before_its_first_capture(tiny_dir, emulate):
     assert graphs._reserver(st, 512, 4096) is None  # no pool (CPU): nothing to size
     st.pool = object()
     assert graphs._reserver(st, 512, 4096) is not None
-    assert graphs._reserver(st, 512, 0) is None  # no longest batch known
+    assert graphs._reserver(st, 512, 0) is not None  # no longest batch known: sized for this one's
     st.pool = None
     _train(model, 1)
     assert st.captures == 1 and st.reserved == (None, 0)  # recorded: the pool is no longer new

@@ -78,9 +78,17 @@ _WARMUP_STEPS = 1  # eager runs of each captured piece before capture (Triton co
 # shorter one fits in a longer one's. Measured (H200, the SFTTrainer workflow, 1B, bucket lengths arriving
 # 1280, 1792, 1024, 2048, ...): the pool grew 394 -> 620 -> 878 MiB, against 508 MiB when 2 x 2048 is
 # recorded alone. With it, one free segment of the size the first capture's warm-up measured, scaled to the
-# longest batch, is taken before the first capture, and every capture splits its temporaries from it.
+# longest batch (when longer than the first), is taken before the first capture, and every capture splits its
+# temporaries from it. Measured the same way (H200, 128 examples, 8 bucket lengths): pool 596 MiB instead of
+# 880, peak reserved 2.29 GiB instead of 2.70 (with the default pool's cache given back before each warm-up).
 # Only "recompute" / "offload" (the pool holds temporaries alone; "keep" / "auto" hold activations per set).
 RESERVE_POOL = True
+# With the pool sized, each later capture's eager warm-up runs on the captures' stream and allocates from the
+# pool, whose free blocks the capture reuses, instead of cutting its own segments beside it: those came on top
+# of everything else while the warm-up ran (H200, the 1B SFTTrainer workflow: the warm-up of 2 x 2048 cut 538
+# MiB beside a 596 MiB pool with 532 free, the run's peak reserved memory). Uses torch's private allocator
+# bindings (_can_route); without them, the warm-up runs as before.
+WARM_UP_IN_POOL = True
 
 # torch.cuda.graph's capture_error_mode (CUDA's stream-capture interaction mode); bench/diag_graphs.py
 # tries the others.
@@ -117,14 +125,14 @@ class _Replay:
     """A recorded piece of work: a CUDA graph, or (emulation) the function itself, run again on replay.
     The function writes its results into static buffers, so a replay needs no outputs."""
 
-    def __init__(self, fn, pool, emulate: bool):
+    def __init__(self, fn, pool, emulate: bool, stream=None):
         self.fn = fn
         if emulate:
             self.graph = None
             fn()
             return
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode=CAPTURE_ERROR_MODE):
+        with torch.cuda.graph(self.graph, pool=pool, stream=stream, capture_error_mode=CAPTURE_ERROR_MODE):
             fn()
 
     def replay(self) -> None:
@@ -134,9 +142,9 @@ class _Replay:
             self.fn()
 
 
-def _capture(fn, pool, emulate: bool, what: str) -> _Replay:
+def _capture(fn, pool, emulate: bool, what: str, stream=None) -> _Replay:
     try:
-        return _Replay(fn, pool, emulate)
+        return _Replay(fn, pool, emulate, stream)
     except Exception as e:
         raise RuntimeError(f"while capturing {what}: {type(e).__name__}: {e}") from e
 
@@ -320,7 +328,7 @@ class GraphSet:
 
     def __init__(self, make_run_layer, layers, x_example: torch.Tensor, autocast, emulate: bool, policy: str,
                  arena: _Arena, pool=None, min_numel: int = 0, budget=None, inputs=None, hold_weights=None,
-                 offload_rest: bool = False, reserve=None):
+                 offload_rest: bool = False, reserve=None, stream=None, warm_in_pool: bool = False):
         self.layers, self.autocast, self.emulate = list(layers), autocast, emulate
         # per-call attention inputs (positions, masks, sequence starts): this set's own static copies,
         # refilled before every replay (set_inputs); the layers read them through run_layer. Not in the shared
@@ -345,7 +353,7 @@ class GraphSet:
         self.used = [None] * n  # per layer: which parameters got a gradient at capture
         self.saved = [None] * n  # kept layers: (input, output) of the recorded forward, whose graph holds
         # activations one kept layer holds and the segments the warm-up's temporaries took (CUDA), else None
-        self.layer_bytes, self.scratch = self._warm_up(x_example)
+        self.layer_bytes, self.scratch = self._warm_up(x_example, pool if warm_in_pool else None, stream)
         if not emulate:
             # the warm-up ran on a stream of its own, and the caching allocator keeps what was freed there for
             # that stream alone: given back now, before the planner reads the free memory and the capture
@@ -400,9 +408,9 @@ class GraphSet:
             dtype = autocast["dtype"] if autocast["enabled"] else x_example.dtype
             self.resident = hold_weights(dtype, plan_spare(policy, self.keep, self.layer_bytes, budget, mem_info,
                                                            input_bytes, any(self.offloaded), in_use))
-        self.fwd = [_capture(lambda i=i: self._forward(i), pool, emulate, f"the forward of layer {i}")
+        self.fwd = [_capture(lambda i=i: self._forward(i), pool, emulate, f"the forward of layer {i}", stream)
                     for i in range(n)]
-        self.bwd = [_capture(lambda i=i: self._backward(i), pool, emulate, f"the backward of layer {i}")
+        self.bwd = [_capture(lambda i=i: self._backward(i), pool, emulate, f"the backward of layer {i}", stream)
                     for i in reversed(range(n))]
         self.flat_grads = [b if used else None for i in range(n) for b, used in zip(self.gbuf[i], self.used[i])]
         self.dx = self.dbuf[n % 2]
@@ -529,12 +537,16 @@ class GraphSet:
     def _wait_ready(self, i: int) -> None:
         _wait(self.ready, i)
 
-    def _warm_up(self, x0: torch.Tensor) -> tuple:
+    def _warm_up(self, x0: torch.Tensor, pool=None, stream=None) -> tuple:
         """Run every piece eagerly once, exactly as it will be captured (the no-grad forward and the
         recompute + backward), so each kernel variant is compiled and each library plan built before
         capture: nothing may load a module or allocate a library workspace while capturing. Returns (the
         bytes one layer's activations hold when kept, (bytes of segments the warm-up cut, bytes of them still
-        allocated at its end)); (None, None) in emulation."""
+        allocated at its end)); (None, None) in emulation.
+
+        Where it runs: with ``pool`` (a sized pool, RESERVE_POOL) on the captures' ``stream``, allocating from
+        that pool (WARM_UP_IN_POOL), whose free blocks the capture then reuses; otherwise on a new stream of its
+        own, from the default pool."""
         if self.emulate:
             return None, None
         # the default pool's free cache goes first, so the warm-up's own segments do not come on top of it (the
@@ -542,10 +554,11 @@ class GraphSet:
         # the reserved memory is the high-water mark of the warm-up's temporaries (the pool's need, reserve)
         torch.cuda.empty_cache()
         reserved, allocated = torch.cuda.memory_reserved(), torch.cuda.memory_allocated()
-        side = torch.cuda.Stream()
+        routed = pool is not None and stream is not None and WARM_UP_IN_POOL and _can_route()
+        side = stream if routed else torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         layer_bytes = None
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side), (_allocating_in(pool) if routed else contextlib.nullcontext()):
             for _ in range(_WARMUP_STEPS):
                 x = x0
                 for i, layer in enumerate(self.layers):
@@ -570,23 +583,47 @@ def reservation_bytes(scratch: int, kept: int, tokens: int, expect: int) -> int:
     """Bytes to give the graphs' pool before its first capture, for batches of up to ``expect`` tokens, from a
     warm-up at ``tokens`` that cut ``scratch`` bytes of segments and still held ``kept`` of them at its end:
     the temporaries scale with the tokens, the held part (cuBLAS' workspaces, which the capture's stream takes
-    in the pool too) does not. 0 when the batch is already the longest expected (its capture cuts the
-    segments every shorter batch then fits in)."""
-    if expect <= tokens or scratch <= kept:
+    in the pool too) does not. A batch already the longest expected (or none expected) gets what its own
+    warm-up took, which the warm-ups of shorter batches then fit in as well."""
+    if scratch <= kept:
         return 0
-    return int((scratch - kept) * expect / tokens) + kept
+    return int((scratch - kept) * max(expect, tokens) / tokens) + kept
 
 
-def _reserve_pool(pool, nbytes: int):
-    """One free segment of ``nbytes`` in the graphs' memory ``pool``: taken and freed inside a capture (the
-    way a graph's temporaries are), so the allocator keeps it in the pool for the captures that follow, which
-    split their temporaries from it. Returns the (empty) graph, which keeps the pool alive while held."""
+def _reserve_pool(pool, nbytes: int, stream=None):
+    """One free segment of ``nbytes`` in the graphs' memory ``pool``: taken and freed inside a capture on
+    ``stream`` (the way a graph's temporaries are), so the allocator keeps it in the pool for the captures (and
+    warm-ups) on that stream that follow, which split their temporaries from it. Returns the (empty) graph,
+    which keeps the pool alive while held."""
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool, capture_error_mode=CAPTURE_ERROR_MODE):
+    with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode=CAPTURE_ERROR_MODE):
         block = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
         block[:1].zero_()  # one node: an empty graph draws torch's warning
         del block
     return graph
+
+
+_ROUTING = ("_cuda_beginAllocateToPool", "_cuda_endAllocateToPool", "_cuda_releasePool")
+
+
+def _can_route() -> bool:
+    """Whether this torch has the private bindings that route allocations into a graphs' pool outside a capture
+    (those its CUDA-graph trees warm up with); without them the warm-up stays in the default pool."""
+    return all(hasattr(torch._C, name) for name in _ROUTING)
+
+
+@contextlib.contextmanager
+def _allocating_in(pool):
+    """Within: the process's CUDA allocations come from the graphs' memory ``pool`` (held alive by its graphs:
+    what is freed here stays in it for the captures). Only around a warm-up, which nothing else runs beside."""
+    begin, end, release = (getattr(torch._C, name) for name in _ROUTING)
+    device = torch.cuda.current_device()
+    begin(device, pool)
+    try:
+        yield
+    finally:
+        end(device, pool)
+        release(device, pool)  # begin counted one more user of the pool
 
 
 def _clear_cublas_workspaces() -> None:
@@ -666,6 +703,7 @@ class _State:
         self.arena = _Arena()
         self.pool = None  # one CUDA graph memory pool for every set (temporaries only)
         self.reserved = None  # (a graph that keeps the pool, bytes) once the pool was sized (RESERVE_POOL)
+        self.stream = None  # the stream every capture (and, in a sized pool, its warm-up) runs on
         self.memory_budget = None  # the "auto" planner's budget (plan_keep)
         self.resident: list = []  # frozen weights held dequantised for the recorded steps (GraphSet.resident)
         self.no_room: set = set()  # keys of shapes whose host copies did not fit (HostMemoryShort): eager
@@ -687,7 +725,7 @@ def _release(st: _State) -> None:
     for gs in st.sets.values():
         gs.close()
     st.sets.clear()
-    st.arena, st.pool, st.reserved = _Arena(), None, None
+    st.arena, st.pool, st.reserved, st.stream = _Arena(), None, None, None
     release_weights(st)
     gc.collect()
     if torch.cuda.is_available():
@@ -772,12 +810,12 @@ def set_cuda_graphs(model, mode) -> None:
 def _reserver(st: _State, tokens: int, expect: int):
     """GraphSet's ``reserve(scratch, kept)`` for a capture of ``tokens``: sizes the pool once, before its
     first capture (RESERVE_POOL), for batches of ``expect`` tokens; None where there is nothing to size."""
-    if not RESERVE_POOL or st.reserved is not None or st.pool is None or not expect:
+    if not RESERVE_POOL or st.reserved is not None or st.pool is None:
         return None
 
     def reserve(scratch: int, kept: int) -> None:
         nbytes = reservation_bytes(scratch, kept, tokens, expect)
-        st.reserved = (_reserve_pool(st.pool, nbytes) if nbytes else None, nbytes)
+        st.reserved = (_reserve_pool(st.pool, nbytes, st.stream) if nbytes else None, nbytes)
 
     return reserve
 
@@ -844,7 +882,7 @@ def run_stack(model, layers, x: torch.Tensor, make_run_layer, key_extra=(), chec
             st.sets.popitem(last=False)[1].close()
         t = time.perf_counter()
         if st.pool is None and not emulate:
-            st.pool = torch.cuda.graph_pool_handle()
+            st.pool, st.stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream()
         if st.mode == "auto":
             # batches over AUTO_MAX_TOKENS run eager: shared buffers sized for a longer one would only hold
             # memory while that long batch needs it most (at max_seq_length 409,600 on the 8B shape: 16 GiB of
@@ -857,7 +895,8 @@ def run_stack(model, layers, x: torch.Tensor, make_run_layer, key_extra=(), chec
             gs = GraphSet(make_run_layer, layers, x.detach(), ac, emulate, policy, st.arena, st.pool,
                           min_numel=max_tokens * x.shape[-1], budget=st.memory_budget, inputs=inputs,
                           hold_weights=hold, offload_rest=offload_rest and (emulate or AUTO_OFFLOAD_ON_CUDA),
-                          reserve=_reserver(st, x.shape[0] * x.shape[1], expect_tokens))
+                          reserve=_reserver(st, x.shape[0] * x.shape[1], expect_tokens), stream=st.stream,
+                          warm_in_pool=bool(st.reserved and st.reserved[0] is not None))
         except HostMemoryShort as e:  # this shape only, said once; the eager offload keeps its own host reserve
             st.no_room.add(key)
             say_once(f"graphs-host-{id(st)}", f"CUDA graphs: recording batch {tuple(x.shape[:2])} would take {e} "
@@ -886,7 +925,7 @@ def run_stack(model, layers, x: torch.Tensor, make_run_layer, key_extra=(), chec
         sized = ""
         if st.reserved is None:
             st.reserved = (None, 0)  # this pool holds a capture's segments now: too late to size it
-        elif sizing and st.reserved[0] is not None:
+        elif sizing and st.reserved[0] is not None and expect_tokens > x.shape[0] * x.shape[1]:
             sized = (f"; their memory pool sized at {st.reserved[1] / 2**20:.0f} MiB for the longest batch expected, "
                      f"{expect_tokens} tokens")
         say(f"CUDA graphs: captured {len(layers)} layers for batch {tuple(x.shape[:2])} in "
