@@ -206,11 +206,17 @@ def packing_section(rows: list[dict]) -> list[str]:
     if not rs:
         return ["## Packing (issue #4)", "", "bench/packing.py (packed vs padded real tokens/s) has not run on a GPU yet.", ""]
 
+    def label(r):  # velotune's controls: graphs off, another bucket count, the graphs' pool not sized
+        extra = [text for key, text in (("graphs", "no graphs"), ("pool_sizing", "pool not sized")) if r.get(key) is False]
+        extra += [f"{r['buckets']} buckets"] if r.get("buckets") else []
+        return r["mode"] + (f" ({', '.join(extra)})" if extra else "")
+
     def row(r):
         if "error" in r:
-            return f"| {r['mode']} | failed: {r['error'][:120]} | | | | |"
-        return (f"| {r['mode']} | {_fmt(r['tokens_per_s'], 0)} | {_fmt(r['tokens_per_s_with_warmup'], 0)} | "
-                f"{r['steps']} | {r['real_tokens']} | {_fmt(r.get('peak_reserved_gib'), 2)} |")
+            return f"| {label(r)} | failed: {r['error'][:120]} | | | | | |"
+        return (f"| {label(r)} | {_fmt(r['tokens_per_s'], 0)} | {_fmt(r['tokens_per_s_with_warmup'], 0)} | "
+                f"{r['steps']} | {r['real_tokens']} | {_fmt(r.get('peak_alloc_gib'), 2)} | "
+                f"{_fmt(r.get('peak_reserved_gib'), 2)} |")
 
     return ["## Packing (issue #4)", "",
             "bench/packing.py: velotune's SFTTrainer, the seed's settings, example lengths uniform in the stated range; "
@@ -218,8 +224,8 @@ def packing_section(rows: list[dict]) -> list[str]:
             "`padded` = rows padded per batch; `unsloth_*` / `hf_*`: the same SFTTrainer workflow on Unsloth's and on "
             "transformers + PEFT + bitsandbytes + TRL's stack (the whole trainer step). Loss logged every "
             "`logging steps` steps (the seed: 1).", ""] + _per_run_tables(
-        rs, ["| mode | real tokens/s | with warm-up | steps | real tokens | peak reserved GiB |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"], row,
+        rs, ["| mode | real tokens/s | with warm-up | steps | real tokens | peak allocated GiB | peak reserved GiB |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"], row,
         heading_extra=lambda group: f", lengths {group[0].get('lengths')}, logging steps "
                                     f"{group[0].get('logging_steps', 10_000)}")
 

@@ -409,6 +409,21 @@ def test_pool_is_sized_only_before_its_first_capture(tiny_dir, emulate):
     assert graphs._reserver(st, 512, 4096) is None
 
 
+def test_warm_up_routing_gives_the_pool_back_its_count(monkeypatch):
+    """The warm-up's routing into the graphs' pool begins, ends and releases (begin counts one more user of the
+    pool: unbalanced, a dropped pool would never be freed), in that order, also when the warm-up raises."""
+    calls = []
+    for name in graphs._ROUTING:
+        monkeypatch.setattr(torch._C, name, lambda *a, name=name: calls.append((name, a)), raising=False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    with pytest.raises(RuntimeError, match="mid-warm-up"):
+        with graphs._allocating_in((0, 7)):
+            assert [c[0] for c in calls] == ["_cuda_beginAllocateToPool"]
+            raise RuntimeError("mid-warm-up")
+    assert calls == [(name, (0, (0, 7))) for name in graphs._ROUTING]
+    assert graphs._can_route()
+
+
 def test_set_memory_budget(tiny_dir):
     from velotune import set_memory_budget
 

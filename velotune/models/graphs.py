@@ -30,7 +30,9 @@ costs about two eager steps and is kept per batch shape (up to 8 shapes; their s
 shared, sized for batch x max_seq_length); ``mode="auto"`` records the first 8 shapes it sees and then
 stops recording new ones; a shape dropped since, when the shared buffers grew for a longer batch, is recorded
 again. Batches whose length changes every step gain nothing: pad them to a few fixed lengths, as SFTTrainer
-does. Otherwise the eager path runs, unchanged.
+does. Otherwise the eager path runs, unchanged. All sets share one memory pool for their temporaries, sized at
+its first capture for the longest batch expected (RESERVE_POOL; SFTTrainer reads it from its dataset); the
+later captures' warm-ups run inside it (WARM_UP_IN_POOL).
 
 Measured (H200, 1B shape, bs 2 x 2048, bench/run_train_step.py): 47.8K tokens/s with graphs vs 16.8K
 eager and Unsloth 21.3K in the same session. A capture attempted at the *second* step of the
