@@ -2,8 +2,9 @@
 # One device call that validates and measures everything GPU-side (run from the repo root on the GPU
 # machine; results land in $OUT). Ordered by importance, each step time-boxed, so a cut-short call
 # still returns the first answers.
-# The device's copy of the tree carries a stale .git: pass the commit, VELOTUNE_COMMIT=$(git rev-parse --short HEAD)
-# (+dirty for uncommitted changes), in the command, or the rows record the wrong one.
+# The device's copy of the tree carries a stale .git: write the commit into the command literally, as
+# VELOTUNE_COMMIT=<sha from `git rev-parse --short HEAD` run HERE> (+dirty for uncommitted changes). A
+# `$(git rev-parse ...)` in the command runs on the device and records that stale .git's commit (12th session).
 #   OUT=/tmp/out bash bench/gpu_session.sh [tests|new|attention|train1b|train8b|memory|poolmem|poolsize|packing|workflow|decode|all|long|probe|ddp|fsdp70b|gguf]...
 # (several stages run in the order given)
 set -u

@@ -100,6 +100,22 @@ def test_packed_rows_and_unknown_fields_pass_through():
     assert pad([[5, 6, 7]])["input_ids"].shape == (1, 64)
 
 
+def test_longest_example_reads_the_arrow_column():
+    """The longest tokenized example, from the dataset's Arrow column: a selection answers for the table under
+    it (an upper bound); no input_ids column, or not a datasets.Dataset (a list, a streamed dataset): None."""
+    from datasets import Dataset
+
+    from velotune.training.buckets import longest_example
+
+    ds = Dataset.from_dict({"input_ids": [[1] * 5, [1] * 40, [], [1] * 17], "text": ["a", "b", "c", "d"]})
+    assert longest_example(ds) == 40
+    assert longest_example(ds.select([0, 3])) == 40
+    assert longest_example(ds.remove_columns("input_ids")) is None
+    assert longest_example([{"input_ids": [1, 2]}]) is None
+    assert longest_example(ds.to_iterable_dataset()) is None
+    assert longest_example(None) is None
+
+
 @pytest.mark.parametrize("layout", ["padded", "packed", "padfree"])
 def test_sft_trainer_buckets_batches_when_graphs_will_run(tiny_dir, tmp_path, monkeypatch, layout):
     """SFTTrainer wraps its collator when the graph path trains the model (emulated here): the run's losses

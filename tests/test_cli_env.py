@@ -83,12 +83,12 @@ def test_switched_off_gpu_paths_are_listed(monkeypatch):
     assert "few-row 4-bit matmul" in line and "optimizer updates called directly" not in line
     assert "parameter views" not in line and "held dequantised" not in line
     assert "4-bit GEMV" not in line and "does not keep" not in line and "unread down" not in line
-    assert "cuDNN" not in line
+    assert "cuDNN" not in line and "pool" not in line
     for mod, attr in ((offload, "ENABLED_ON_CUDA"), (graphs, "KEEP_ON_CUDA"), (graphs, "STATIC_INPUTS_ON_CUDA"),
                       (generation, "DECODE_ON_CUDA"), (nf4_matmul, "ON_CUDA"), (graphs, "PARAM_VIEWS"),
                       (graphs, "RESIDENT_ON_CUDA"), (lora, "BNB_GEMV_ON_CUDA"), (graphs, "AUTO_OFFLOAD_ON_CUDA"),
                       (optim, "DIRECT_ON_CUDA"), (recompute, "SKIP_MLP_OUTPUT"),
-                      (attention, "PREFER_CUDNN")):
+                      (attention, "PREFER_CUDNN"), (graphs, "RESERVE_POOL"), (graphs, "WARM_UP_IN_POOL")):
         monkeypatch.setattr(mod, attr, True)
     assert env._pending_line(cuda=True) == "GPU paths: all on"
     monkeypatch.setattr(offload, "ENABLED_ON_CUDA", False)
@@ -96,3 +96,5 @@ def test_switched_off_gpu_paths_are_listed(monkeypatch):
     line = env._pending_line(cuda=True)
     assert "offloaded checkpointing" in line and "fused generation path" in line
     assert "memory planner" not in line and "packed rows" not in line
+    monkeypatch.setattr(graphs, "WARM_UP_IN_POOL", False)
+    assert "capture warm-ups inside the graphs' pool" in env._pending_line(cuda=True)

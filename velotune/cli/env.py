@@ -119,7 +119,9 @@ def _pending_line(cuda: bool) -> str:
              "parameter views in recorded backwards (outside DDP)": graphs.PARAM_VIEWS is not False,
              "8-bit optimizer updates called directly": optim.DIRECT_ON_CUDA,
              "recomputes skip the unread down projection": recompute.SKIP_MLP_OUTPUT,
-             "causal attention through cuDNN first": attention.PREFER_CUDNN}
+             "causal attention through cuDNN first": attention.PREFER_CUDNN,
+             "graphs' pool sized for the longest batch": graphs.RESERVE_POOL,
+             "capture warm-ups inside the graphs' pool": graphs.WARM_UP_IN_POOL}
     waiting = [name for name, on in flags.items() if not on]
     if not cuda:
         return "GPU paths: n/a (no CUDA GPU)"

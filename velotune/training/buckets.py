@@ -118,15 +118,17 @@ def wrap_trainer_collator(trainer, model, state) -> bool:
     rows = args.per_device_train_batch_size
     state.batch_tokens = max(state.batch_tokens, rows * max_length)
     packing = getattr(args, "packing", False)
-    found = None if packing else longest_example(trainer.train_dataset)
-    longest = max_length if found is None else min(found, cut or found)
+    # the longest example: TRL packs rows up to max_length; otherwise the dataset's (None: not known, e.g. a
+    # streamed dataset, where no longest batch is told rather than one sized for max_length)
+    found = max_length if packing else longest_example(trainer.train_dataset)
+    longest = None if found is None else min(found, cut or found)
     if packing or getattr(args, "padding_free", False):
         max_length *= rows  # the rows of a batch become one row
         trainer.data_collator = BucketPadding(trainer.data_collator, pad, max_length)
-        longest_batch = trainer.data_collator.length_for(rows * longest)
+        longest_batch = 0 if longest is None else trainer.data_collator.length_for(rows * longest)
     else:
         trainer.data_collator = BucketPadding(trainer.data_collator, pad, max_length)
-        longest_batch = rows * trainer.data_collator.length_for(longest)
+        longest_batch = 0 if longest is None else rows * trainer.data_collator.length_for(longest)
     state.longest_batch_tokens = max(state.longest_batch_tokens, longest_batch)
     say_once("bucket-padding", f"training batches are right-padded to multiples of {trainer.data_collator.step} "
              f"tokens (at most {trainer.data_collator.n_buckets} lengths) so CUDA graphs can be reused; the loss is "
