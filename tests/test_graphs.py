@@ -405,8 +405,27 @@ def test_pool_is_sized_only_before_its_first_capture(tiny_dir, emulate):
     assert graphs._reserver(st, 512, 0) is not None  # no longest batch known: sized for this one's
     st.pool = None
     _train(model, 1)
-    assert st.captures == 1 and st.reserved == (None, 0)  # recorded: the pool is no longer new
+    assert st.captures == 1 and st.reserved == (None, 0, False)  # recorded: the pool is no longer new
     assert graphs._reserver(st, 512, 4096) is None
+
+
+@pytest.mark.parametrize("fixed_shape_sized", [True, False])
+def test_pool_sizing_by_what_is_expected(tiny_dir, monkeypatch, fixed_shape_sized):
+    """The first capture's sizing: a longer batch expected gets the scaled reservation; one already the longest
+    gets its own warm-up's cut, or (SIZE_FIXED_SHAPE_POOL off) nothing; later warm-ups run in the pool either way."""
+    mib = 2**20
+    taken = []
+    monkeypatch.setattr(graphs, "_reserve_pool", lambda pool, nbytes, stream: taken.append(nbytes) or "graph")
+    monkeypatch.setattr(graphs, "SIZE_FIXED_SHAPE_POOL", fixed_shape_sized)
+    st = graphs.state_of(_model(tiny_dir).get_base_model())
+    for tokens, expect in ((2560, 4096), (4096, 4096), (4096, 0)):
+        st.pool, st.reserved, taken[:] = object(), None, []
+        graphs._reserver(st, tokens, expect)(394 * mib, 64 * mib)
+        want = graphs.reservation_bytes(394 * mib, 64 * mib, tokens, expect)
+        if expect > tokens or fixed_shape_sized:
+            assert taken == [want] and st.reserved == ("graph", want, True)
+        else:
+            assert taken == [] and st.reserved == (None, 0, True)
 
 
 def test_warm_up_routing_gives_the_pool_back_its_count(monkeypatch):
