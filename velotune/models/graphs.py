@@ -362,10 +362,10 @@ class GraphSet:
         # activations one kept layer holds and the segments the warm-up's temporaries took (CUDA), else None
         self.layer_bytes, self.scratch = self._warm_up(x_example, pool if warm_in_pool else None, stream)
         if not emulate:
-            # the warm-up ran on a stream of its own, and the caching allocator keeps what was freed there for
-            # that stream alone: given back now, before the planner reads the free memory and the capture
-            # takes its pool, instead of staying reserved for the rest of the run (one layer's temporaries
-            # per captured shape). cuBLAS also keeps a workspace per stream (32 MiB each on Hopper, two with
+            # the warm-up ran on a stream of its own (unless in the pool), and the allocator keeps what was
+            # freed there for that stream alone: given back now, before the planner reads the free memory and
+            # the capture takes its pool, instead of staying reserved for the rest of the run (one layer's
+            # temporaries per captured shape). cuBLAS also keeps a workspace per stream (32 MiB each on Hopper, two with
             # cuBLASLt's) that no free gives back: dropped too (the main stream's comes back at its next matmul)
             _clear_cublas_workspaces()
             torch.cuda.empty_cache()
@@ -855,7 +855,7 @@ def run_stack(model, layers, x: torch.Tensor, make_run_layer, key_extra=(), chec
     ``weight_shape``), which "auto" may hold dequantised when memory is left (RESIDENT_ON_CUDA);
     ``offload_rest``: offloading is available, so "auto" may have the layers it does not keep wait in host
     memory (AUTO_OFFLOAD_ON_CUDA); ``expect_tokens``: the longest batch (rows x length) a trainer expects,
-    which the pool is sized for at its first capture (RESERVE_POOL; 0: not known, no sizing).
+    which the pool is sized for at its first capture (RESERVE_POOL; 0: not known, sized for the first batch).
     """
     st = state_of(model)
     if st.mode is False or st.broken is not None:
