@@ -122,14 +122,14 @@ def wrap_trainer_collator(trainer, model, state) -> bool:
     # streamed dataset, where no longest batch is told rather than one sized for max_length)
     found = max_length if packing else longest_example(trainer.train_dataset)
     longest = None if found is None else min(found, cut or found)
-    if packing or getattr(args, "padding_free", False):
+    one_row = packing or getattr(args, "padding_free", False)
+    if one_row:
         max_length *= rows  # the rows of a batch become one row
-        trainer.data_collator = BucketPadding(trainer.data_collator, pad, max_length)
-        longest_batch = 0 if longest is None else trainer.data_collator.length_for(rows * longest)
-    else:
-        trainer.data_collator = BucketPadding(trainer.data_collator, pad, max_length)
-        longest_batch = 0 if longest is None else rows * trainer.data_collator.length_for(longest)
-    state.longest_batch_tokens = max(state.longest_batch_tokens, longest_batch)
+    trainer.data_collator = BucketPadding(trainer.data_collator, pad, max_length)
+    if longest is not None:
+        bucket = trainer.data_collator.length_for
+        longest_batch = bucket(rows * longest) if one_row else rows * bucket(longest)
+        state.longest_batch_tokens = max(state.longest_batch_tokens, longest_batch)
     say_once("bucket-padding", f"training batches are right-padded to multiples of {trainer.data_collator.step} "
              f"tokens (at most {trainer.data_collator.n_buckets} lengths) so CUDA graphs can be reused; the loss is "
              "unchanged (velotune.set_cuda_graphs(model, False) turns both off)")
