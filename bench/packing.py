@@ -170,9 +170,9 @@ def one_mode(args) -> dict:
     trainer.train()
     total = time.perf_counter() - t0
     if args.memory_trace and cuda:
-        graphs = "graphs off" if args.no_graphs and peer == "velotune" else "graphs as set"
+        how = "graphs off" if args.no_graphs and peer == "velotune" else "graphs as set"
         write_trace(str(Path(args.memory_trace) / f"memory-{args.mode}{variant}.txt"),
-                    f"{args.mode} ({graphs}), {Path(args.ckpt).name}, {len(times)} steps")
+                    f"{args.mode} ({how}), {Path(args.ckpt).name}, {len(times)} steps")
     # Tokens are attributed to steps by the collator's count at each step end, not one batch per step: a
     # trainer may take several batches a step (Unsloth's took 2 per step in this workflow, 2026-11-28) or
     # collate one ahead; both shift every step's window alike.

@@ -403,6 +403,7 @@ def test_pool_is_sized_only_before_its_first_capture(tiny_dir, emulate):
     st.pool = object()
     assert graphs._reserver(st, 512, 4096) is not None
     assert graphs._reserver(st, 512, 0) is not None  # no longest batch known: sized for this one's
+    assert graphs._reserver(st, 512, 4096, "auto") is None  # "keep" / "auto": the pool holds activations per set
     st.pool = None
     _train(model, 1)
     assert st.captures == 1 and st.reserved == (None, 0, False)  # recorded: the pool is no longer new

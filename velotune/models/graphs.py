@@ -369,7 +369,7 @@ class GraphSet:
             # cuBLASLt's) that no free gives back: dropped too (the main stream's comes back at its next matmul)
             _clear_cublas_workspaces()
             torch.cuda.empty_cache()
-            if reserve is not None and policy in ("recompute", "offload") and self.scratch is not None:
+            if reserve is not None and self.scratch is not None:
                 reserve(*self.scratch)  # before the planner reads the free memory
         mem_info = None if emulate else _free_memory()
         # weights, adapters, ...: inside a budget; and what the first step has yet to allocate for gradients
@@ -816,10 +816,11 @@ def set_cuda_graphs(model, mode) -> None:
     base.__dict__["_velotune_graphs"] = _State(mode)
 
 
-def _reserver(st: _State, tokens: int, expect: int):
+def _reserver(st: _State, tokens: int, expect: int, policy: str = "recompute"):
     """GraphSet's ``reserve(scratch, kept)`` for a capture of ``tokens``: sizes the pool once, before its
-    first capture (RESERVE_POOL), for batches of ``expect`` tokens; None where there is nothing to size."""
-    if not RESERVE_POOL or st.reserved is not None or st.pool is None:
+    first capture (RESERVE_POOL), for batches of ``expect`` tokens; None where there is nothing to size (a pool
+    already used, no pool, or a policy whose pool holds activations per set: "keep" / "auto")."""
+    if not RESERVE_POOL or st.reserved is not None or st.pool is None or policy not in ("recompute", "offload"):
         return None
 
     def reserve(scratch: int, kept: int) -> None:
@@ -906,7 +907,7 @@ def run_stack(model, layers, x: torch.Tensor, make_run_layer, key_extra=(), chec
             gs = GraphSet(make_run_layer, layers, x.detach(), ac, emulate, policy, st.arena, st.pool,
                           min_numel=max_tokens * x.shape[-1], budget=st.memory_budget, inputs=inputs,
                           hold_weights=hold, offload_rest=offload_rest and (emulate or AUTO_OFFLOAD_ON_CUDA),
-                          reserve=_reserver(st, x.shape[0] * x.shape[1], expect_tokens), stream=st.stream,
+                          reserve=_reserver(st, x.shape[0] * x.shape[1], expect_tokens, policy), stream=st.stream,
                           warm_in_pool=bool(st.reserved and st.reserved[2]))
         except HostMemoryShort as e:  # this shape only, said once; the eager offload keeps its own host reserve
             st.no_room.add(key)
