@@ -130,8 +130,12 @@ def one_mode(args) -> dict:
         from velotune.models import graphs
 
         graphs.RESERVE_POOL = False
+    if args.loss_apart and peer == "velotune":
+        from velotune.models import graphs
+
+        graphs.LOSS_IN_POOL = False
     variant = ("-nographs" if args.no_graphs else "") + (f"-b{args.buckets}" if args.buckets else "") + \
-        ("-unsized" if args.no_pool_sizing else "")
+        ("-unsized" if args.no_pool_sizing else "") + ("-lossapart" if args.loss_apart else "")
     if args.memory_trace and cuda and peer == "velotune":
         log_captures(str(Path(args.memory_trace) / f"captures-{args.mode}{variant}.txt"))
     import torch
@@ -190,6 +194,7 @@ def one_mode(args) -> dict:
         **({"graphs": False} if args.no_graphs and peer == "velotune" else {}),
         **({"buckets": args.buckets} if args.buckets and peer == "velotune" else {}),
         **({"pool_sizing": False} if args.no_pool_sizing and peer == "velotune" else {}),
+        **({"loss_in_pool": False} if args.loss_apart and peer == "velotune" else {}),
     }
 
 
@@ -214,6 +219,8 @@ def main() -> int:
     p.add_argument("--buckets", type=int, default=None, help="velotune's bucket lengths (training.buckets.N_BUCKETS)")
     p.add_argument("--no-pool-sizing", action="store_true",
                    help="velotune's graphs' pool not sized for the longest batch (models.graphs.RESERVE_POOL; a control)")
+    p.add_argument("--loss-apart", action="store_true",
+                   help="velotune's loss temporaries in the default pool, not the graphs' (models.graphs.LOSS_IN_POOL; a control)")
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "velotune-bench"))
     args = p.parse_args()
     if args.mode:  # child process: one mode
@@ -235,7 +242,7 @@ def main() -> int:
                "--logging-steps", str(args.logging_steps)]
         cmd += (["--memory-trace", args.memory_trace] if args.memory_trace else []) + \
             (["--no-graphs"] if args.no_graphs else []) + (["--buckets", str(args.buckets)] if args.buckets else []) + \
-            (["--no-pool-sizing"] if args.no_pool_sizing else [])
+            (["--no-pool-sizing"] if args.no_pool_sizing else []) + (["--loss-apart"] if args.loss_apart else [])
         t = time.perf_counter()
         row = run_child(cmd, out, args.timeout, lambda msg: {"mode": mode, "error": msg})
         row.update(run_id=run_id, bench="packing", shape=f"llama-{args.shape}", card=card, examples=args.examples,

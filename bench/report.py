@@ -207,7 +207,8 @@ def packing_section(rows: list[dict]) -> list[str]:
         return ["## Packing (issue #4)", "", "bench/packing.py (packed vs padded real tokens/s) has not run on a GPU yet.", ""]
 
     def label(r):  # velotune's controls: graphs off, another bucket count, the graphs' pool not sized
-        extra = [text for key, text in (("graphs", "no graphs"), ("pool_sizing", "pool not sized")) if r.get(key) is False]
+        extra = [text for key, text in (("graphs", "no graphs"), ("pool_sizing", "pool not sized"),
+                                                      ("loss_in_pool", "loss apart from the pool")) if r.get(key) is False]
         extra += [f"{r['buckets']} buckets"] if r.get("buckets") else []
         return r["mode"] + (f" ({', '.join(extra)})" if extra else "")
 

@@ -614,6 +614,66 @@ def test_graph_pool_sized_for_the_longest_batch(tmp_path, monkeypatch):
     assert len(large0[1]) > len(large0[0]), f"unsized pool (control): {large0}"
 
 
+def _segment_of(ptr: int) -> dict:
+    """The allocator segment (torch.cuda.memory_snapshot) holding device address ``ptr``."""
+    hit = [seg for seg in torch.cuda.memory_snapshot() if seg["address"] <= ptr < seg["address"] + seg["total_size"]]
+    assert len(hit) == 1, f"address {ptr:#x} in {len(hit)} segments"
+    return hit[0]
+
+
+@pytest.mark.parametrize("checkpointing", [True, "unsloth"], ids=["recompute", "offload"])
+def test_loss_temporaries_in_the_graph_pool(tmp_path, monkeypatch, checkpointing):
+    """With graphs recorded (recompute / offload), the fused loss's chunks run on the captures' stream and their
+    logits buffer lies in a segment of the graphs' pool (LOSS_IN_POOL); off, in the default pool (the control).
+    The loss read after the backward's replays is the one computed before them (outputs stay out of the pool),
+    and losses and LoRA gradients are bitwise those of the control, over steps that record and replay."""
+    from velotune import set_cuda_graphs
+    from velotune.device import in_graph_pool
+    from velotune.kernels import cross_entropy as ce
+    from velotune.models import graphs
+
+    path = _make("llama", tmp_path)
+    seen = []
+    real = ce._launch_ce_rows
+
+    def watch(logits, *a, **k):
+        seen.append((logits.data_ptr(), torch.cuda.current_stream()))
+        return real(logits, *a, **k)
+
+    monkeypatch.setattr(ce, "_launch_ce_rows", watch)
+    runs = {}
+    for on in (True, False):
+        monkeypatch.setattr(graphs, "LOSS_IN_POOL", on)
+        model = _lora(path, load_in_4bit=True, gc=checkpointing)
+        set_cuda_graphs(model, True)
+        gen = torch.Generator(device="cuda").manual_seed(4)
+        losses, seen[:] = [], []
+        for _ in range(3):
+            ids = torch.randint(3, 500, (2, 768), device="cuda", generator=gen)
+            labels = ids.clone()
+            labels[:, :100] = -100  # rows without a target: the gradient's index_copy path
+            model.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=labels).loss
+            before = loss.detach().clone()
+            loss.backward()
+            assert torch.equal(loss.detach(), before), "the loss was overwritten by the backward's replays"
+            losses.append(loss.item())
+        st = graphs.state_of(model.get_base_model())
+        assert st.captures == 1 and st.reserved[2]
+        in_pool = [in_graph_pool(_segment_of(ptr)) for ptr, _ in seen]
+        assert seen and all(where == on for where in in_pool), (on, in_pool)
+        assert all((stream == st.stream) == on for _, stream in seen)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        runs[on] = losses, grads
+        del model, st, loss
+        gc.collect()
+        torch.cuda.empty_cache()
+    (l1, g1), (l0, g0) = runs[True], runs[False]
+    assert l1 == l0
+    assert g1.keys() == g0.keys() and all(torch.equal(g1[k], g0[k]) for k in g1)
+
+
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_sdpa_prefers_cudnn(head_dim):
     """Causal attention in velotune's layout (q / k / v transposed views, GQA 4:1, an awkward length) asks

@@ -429,6 +429,25 @@ def test_pool_sizing_by_what_is_expected(tiny_dir, monkeypatch, fixed_shape_size
             assert taken == [] and st.reserved == (None, 0, True)
 
 
+def test_loss_scratch_only_in_a_pool_its_warm_ups_use(tiny_dir, monkeypatch):
+    """The loss's temporaries go to the graphs' pool only where no block of it is read from one replay to the
+    next: a pool whose warm-ups run in it (recompute / offload, st.reserved[2]), with the routing available and
+    LOSS_IN_POOL on; otherwise (no pool yet, "keep" / "auto", an unsized pool recorded before) where the caller is."""
+    base = _model(tiny_dir).get_base_model()
+    assert graphs.loss_scratch(base) is None  # nothing recorded yet
+    st = graphs.state_of(base)
+    monkeypatch.setattr(graphs, "_can_route", lambda: True)
+    st.pool, st.stream = (0, 7), "the captures' stream"
+    for reserved, used in ((None, False), ((None, 0, False), False), (("graph", 5, True), True), ((None, 0, True), True)):
+        st.reserved = reserved
+        assert (graphs.loss_scratch(base) is not None) == used, reserved
+    monkeypatch.setattr(graphs, "LOSS_IN_POOL", False)
+    assert graphs.loss_scratch(base) is None
+    monkeypatch.setattr(graphs, "LOSS_IN_POOL", True)
+    monkeypatch.setattr(graphs, "_can_route", lambda: False)
+    assert graphs.loss_scratch(base) is None
+
+
 def test_warm_up_routing_gives_the_pool_back_its_count(monkeypatch):
     """The warm-up's routing into the graphs' pool begins, ends and releases (begin counts one more user of the
     pool: unbalanced, a dropped pool would never be freed), in that order, also when the warm-up raises."""

@@ -187,3 +187,53 @@ def test_rows_found_early_give_the_same_loss_and_grads(monkeypatch):
     early = _run(LinearCrossEntropyFunction.apply, hidden, weight, labels, -100, None, None, 8, valid)
     for a, b in zip(plain, early):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("ignore_frac", [0.0, 0.4], ids=["every-row", "some-ignored"])
+def test_scratch_holds_only_temporaries(ignore_frac):
+    """scratch= (graphs.loss_scratch: the CUDA graphs' pool between replays) is entered once around the chunks;
+    what is allocated within is only temporaries: the loss and the hidden state's gradient were allocated
+    before it (the next replay writes over the pool's free blocks), and the results are bitwise those without.
+    A trainable weight's gradient buffers outlive the chunks: then the scratch is not used."""
+    import contextlib
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class NewStorages(TorchDispatchMode):
+        """The storages that ops create (not those they are given, as out= or in place)."""
+
+        def __init__(self):
+            super().__init__()
+            self.made = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            given = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                     if isinstance(t, torch.Tensor)}
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in given:
+                    self.made.add(t.untyped_storage().data_ptr())
+            return out
+
+    entered = []
+
+    @contextlib.contextmanager
+    def scratch():
+        entered.append(1)
+        with NewStorages() as mode:
+            yield
+        entered.append(mode.made)
+
+    hidden, weight, labels = _inputs(45, 64, 1000, torch.float32, 11, ignore_frac=ignore_frac)
+    hidden.requires_grad_()
+    loss = LinearCrossEntropyFunction.apply(hidden, weight, labels, -100, None, None, 8, None, scratch)
+    (dh,) = torch.autograd.grad(loss, hidden)
+    made = entered.pop()
+    assert entered == [1] and made, "the chunks ran once inside the scratch and allocated there"
+    assert loss.untyped_storage().data_ptr() not in made and dh.untyped_storage().data_ptr() not in made
+    plain = _run(LinearCrossEntropyFunction.apply, hidden, weight, labels, -100, None, None, 8, weight_grad=False)
+    assert torch.equal(loss, plain[0]) and torch.equal(dh, plain[1])
+
+    entered.clear()
+    _run(LinearCrossEntropyFunction.apply, hidden, weight, labels, -100, None, None, 8, None, scratch)
+    assert entered == [], "a trainable weight's gradient is not accumulated in the scratch"

@@ -23,6 +23,8 @@ label mask, label range; `valid_rows`, which a caller may run early: the decoder
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -216,8 +218,12 @@ class _WeightGrad:
 
 
 def _fused_forward(hidden, weight, labels, ignore_index, softcap, num_items, chunk_rows, need_dh, need_dw,
-                   valid=None):
-    """(loss fp32 0-dim, dh [N, H] or None, dW [V, H] or None); dh/dW are d loss / d input."""
+                   valid=None, scratch=None):
+    """(loss fp32 0-dim, dh [N, H] or None, dW [V, H] or None); dh/dW are d loss / d input.
+
+    ``scratch``: a context factory (graphs.loss_scratch) within which the chunks run and their temporaries are
+    allocated; the outputs are allocated before it. Not used when the weight trains (its fp32 gradient buffers
+    outlive the chunks)."""
     n, n_vocab = hidden.shape[0], weight.shape[0]
     idx, lab = valid if valid is not None else valid_rows(labels, ignore_index, n_vocab)
     n_valid = idx.numel()
@@ -225,44 +231,59 @@ def _fused_forward(hidden, weight, labels, ignore_index, softcap, num_items, chu
     if n_valid == 0:
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         return loss, (torch.zeros_like(hidden) if need_dh else None), (torch.zeros_like(weight) if need_dw else None)
+    loss = torch.empty((), dtype=torch.float32, device=hidden.device)
+    dh = None
+    if need_dh:  # rows without a target get no gradient: zeros, unless every row has one
+        full = n_valid == n
+        dh = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if full else torch.zeros_like(hidden)
+    dw = _WeightGrad(weight) if need_dw else None
+    rows = min(chunk_rows or chunk_rows_for(n_vocab, hidden.shape[1],
+                                            CHUNK_BYTES_TRAINABLE_W if need_dw else CHUNK_BYTES), n_valid)
+    with (scratch() if scratch is not None and not need_dw else contextlib.nullcontext()):
+        _chunks(hidden, weight, idx, lab, softcap, scale, rows, loss, dh, dw)
+    return loss, dh, (dw.result() if need_dw else None)
+
+
+def _chunks(hidden, weight, idx, lab, softcap, scale, rows, loss, dh, dw) -> None:
+    """The chunked loop of _fused_forward: writes ``loss`` and ``dh`` (given), adds into ``dw``; every tensor it
+    allocates is freed when it returns."""
+    n, n_valid, n_vocab = hidden.shape[0], idx.numel(), weight.shape[0]
     h_sel = hidden.index_select(0, idx) if n_valid < n else hidden
     losses = torch.empty(n_valid, dtype=torch.float32, device=hidden.device)
-    dh_sel = torch.empty(h_sel.shape, dtype=hidden.dtype, device=hidden.device) if need_dh else None
-    dw = _WeightGrad(weight) if need_dw else None
-    budget = CHUNK_BYTES_TRAINABLE_W if need_dw else CHUNK_BYTES
-    rows = min(chunk_rows or chunk_rows_for(n_vocab, hidden.shape[1], budget), n_valid)
+    dh_sel = None
+    if dh is not None:
+        dh_sel = dh if n_valid == n else torch.empty(h_sel.shape, dtype=hidden.dtype, device=hidden.device)
     buf = torch.empty((rows, n_vocab), dtype=hidden.dtype, device=hidden.device)
     for s in range(0, n_valid, rows):
         e = min(s + rows, n_valid)
         h_c = h_sel[s:e]
         logits = torch.mm(h_c, weight.t(), out=buf[: e - s])
-        _launch_ce_rows(logits, lab[s:e], losses[s:e], scale, softcap, compute_grad=need_dh or need_dw)
-        if need_dh:
+        _launch_ce_rows(logits, lab[s:e], losses[s:e], scale, softcap, compute_grad=dh is not None or dw is not None)
+        if dh is not None:
             torch.mm(logits, weight, out=dh_sel[s:e])
-        if need_dw:
+        if dw is not None:
             dw.add(logits, h_c)
-    del buf
-    loss = losses.sum() * scale
-    dh = dh_sel
-    if need_dh and n_valid < n:
-        dh = torch.zeros_like(hidden).index_copy_(0, idx, dh_sel)
-    return loss, dh, (dw.result() if need_dw else None)
+    loss.copy_(losses.sum() * scale)
+    if dh is not None and n_valid < n:
+        dh.index_copy_(0, idx, dh_sel)
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """apply(hidden [N, H], weight [V, H], labels [N], ignore_index, softcap, num_items_in_batch,
-    chunk_rows, valid) -> 0-dim fp32 loss (valid: ``valid_rows(labels, ...)`` computed earlier, or None).
+    chunk_rows, valid, scratch) -> 0-dim fp32 loss (valid: ``valid_rows(labels, ...)`` computed earlier, or None;
+    scratch: see linear_cross_entropy).
     Gradients are computed in forward; backward scales them in place,
     so it runs once per forward (no retain_graph re-run)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, softcap, num_items_in_batch, chunk_rows, valid=None):
+    def forward(ctx, hidden, weight, labels, ignore_index, softcap, num_items_in_batch, chunk_rows, valid=None,
+                scratch=None):
         _check_args(hidden, weight, labels, softcap)
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         with torch.autocast(hidden.device.type, enabled=False):  # dtypes are chosen explicitly
             loss, dh, dw = _fused_forward(
                 hidden, weight, labels, ignore_index, softcap, num_items_in_batch, chunk_rows, need_dh, need_dw,
-                valid,
+                valid, scratch,
             )
         ctx.save_for_backward(dh, dw)
         ctx.backward_done = False
@@ -281,7 +302,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             dh.mul_(grad_loss.to(dh.dtype))
         if dw is not None:
             dw.mul_(grad_loss.to(dw.dtype))
-        return dh, dw, None, None, None, None, None, None
+        return dh, dw, None, None, None, None, None, None, None
 
 
 def _check_args(hidden, weight, labels, softcap):
@@ -319,6 +340,7 @@ def linear_cross_entropy(
     return_logits: bool = False,
     chunk_rows: int | None = None,
     valid=None,
+    scratch=None,
 ):
     """Causal-LM loss of `hidden @ weight.T` without materialising the logits.
 
@@ -334,6 +356,9 @@ def linear_cross_entropy(
         chunk_rows: rows per chunk; None sizes chunks from V and H to CHUNK_BYTES.
         valid: ``valid_rows(labels.reshape(-1), ignore_index, V)`` computed by the caller beforehand (its
             host syncs then happen where they cost nothing); None computes it here.
+        scratch: where the chunks' temporaries go: a context factory, e.g. ``graphs.loss_scratch(model)`` (the
+            CUDA graphs' memory pool between the forward's and the backward's replays); None: where the caller
+            is. Ignored when the weight trains.
     Returns:
         0-dim fp32 loss, or (loss, logits) with return_logits. CUDA runs the fused kernel; elsewhere
         `linear_cross_entropy_reference`.
@@ -347,6 +372,6 @@ def linear_cross_entropy(
         return _loss_from_logits(logits, lab, ignore_index, num_items_in_batch), logits
     if use_triton(h2):
         return LinearCrossEntropyFunction.apply(
-            h2, weight, lab, ignore_index, softcap, num_items_in_batch, chunk_rows, valid
+            h2, weight, lab, ignore_index, softcap, num_items_in_batch, chunk_rows, valid, scratch
         )
     return linear_cross_entropy_reference(h2, weight, lab, ignore_index, softcap, num_items_in_batch)

@@ -272,9 +272,12 @@ def _loss_or_logits(model, hidden, shift_labels, num_items_in_batch, logits_to_k
         loss = F.cross_entropy(flat, shift_labels.reshape(-1), ignore_index=-100, reduction="sum")
         denom = num_items_in_batch if num_items_in_batch is not None else (shift_labels != -100).sum().clamp(min=1)
         return loss / denom, logits
-    if model.training:
+    if model.training:  # between the graphs' forward and backward replays: temporaries in their pool
+        from . import graphs
+
         return linear_cross_entropy(hidden, weight, shift_labels, softcap=softcap,
-                                    num_items_in_batch=num_items_in_batch, valid=rows), None
+                                    num_items_in_batch=num_items_in_batch, valid=rows,
+                                    scratch=graphs.loss_scratch(model)), None
     return linear_cross_entropy(hidden, weight, shift_labels, softcap=softcap,
                                 num_items_in_batch=num_items_in_batch, return_logits=True)
 

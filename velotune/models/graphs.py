@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import gc
 import math
 import time
@@ -91,11 +92,18 @@ RESERVE_POOL = True
 # MiB beside a 596 MiB pool with 532 free, the run's peak reserved memory). Uses torch's private allocator
 # bindings (_can_route); without them, the warm-up runs as before.
 WARM_UP_IN_POOL = True
-# A pool whose first batch is already the longest expected (or none is expected) is sized too, at what that
-# batch's warm-up cut. Measured (H200, the 1B seed step, one shape): pool 0.53 GiB vs 0.50 unsized, +0.02 GiB
-# peak allocated: the warm-up's cut exceeds what the capture needs. False (not yet measured on a GPU): such a
-# pool gets only what its captures cut, and later warm-ups still run inside it.
-SIZE_FIXED_SHAPE_POOL = True
+# Whether a pool whose first batch is already the longest expected (or none is expected) is sized too, at what
+# that batch's warm-up cut. False: such a pool gets only what its captures cut, and later warm-ups still run
+# inside it. Measured (H200, the 1B seed step, one shape, same run, 13th session): pool 0.50 GiB, peak 1.52 /
+# 2.06 GiB allocated / reserved when False; 0.53 and 1.54 / 2.10 when True (the warm-up's cut exceeds what the
+# capture needs).
+SIZE_FIXED_SHAPE_POOL = False
+# The fused loss's temporaries (the chunk of logits, the selected rows, the per-row losses) in the graphs' pool,
+# which sits unused between the forward's replays and the backward's (loss_scratch), instead of in the default
+# pool, where their segments came on top of the pool's. Only in a pool whose warm-ups run in it (policies
+# "recompute" / "offload"): there no block is read from one replay to the next, so the pool's free blocks are
+# free between them; the loss's outputs (the loss, the hidden state's gradient) stay in the default pool.
+LOSS_IN_POOL = True
 
 # torch.cuda.graph's capture_error_mode (CUDA's stream-capture interaction mode); bench/diag_graphs.py
 # tries the others.
@@ -631,6 +639,30 @@ def _allocating_in(pool):
     finally:
         end(device, pool)
         release(device, pool)  # begin counted one more user of the pool
+
+
+def loss_scratch(model):
+    """A context factory for the training loss of ``model``'s step, or None: within the context, the current
+    stream is the captures' stream (which first waits for the current one, and which the current one waits for
+    after) and allocations come from the graphs' pool (LOSS_IN_POOL). Allocate what outlives the context before
+    entering it; only temporaries may be allocated within, and nothing allocated within may be read after it:
+    the next replay writes over those blocks."""
+    st = model.__dict__.get("_velotune_graphs")
+    if (not LOSS_IN_POOL or st is None or st.pool is None or st.stream is None or not st.reserved
+            or not st.reserved[2] or not _can_route()):
+        return None
+    return functools.partial(_scratch, st.pool, st.stream)
+
+
+@contextlib.contextmanager
+def _scratch(pool, stream):
+    main = torch.cuda.current_stream()
+    stream.wait_stream(main)
+    try:
+        with torch.cuda.stream(stream), _allocating_in(pool):
+            yield
+    finally:
+        main.wait_stream(stream)
 
 
 def _clear_cublas_workspaces() -> None:
