@@ -23,7 +23,7 @@ if [[ $what == new ]]; then  # the GPU paths written without a GPU (2026-11-28, 
     -k "padding_free_rows or warm_up_memory or bitwise_bitsandbytes or recorded_decode or long_context_paths or capture_after_eager or gpu_compiled or host_memory_model or held_4bit or bnb_gemv or offloads_the_rest" tests/kernels/test_nf4_matmul.py tests/test_optim.py 2>&1 | tail -15 | tee "$OUT/tests-new.txt"
 fi
 if [[ $what == train1b || $what == all ]]; then
-  timeout ${LIMIT:-420} python bench/run_train_step.py --shapes 1b --peers ${PEERS:-velotune velotune_lossapart velotune_poolsized velotune_noskip velotune_expandable velotune_auto unsloth hf liger} \
+  timeout ${LIMIT:-420} python bench/run_train_step.py --shapes 1b --peers ${PEERS:-velotune velotune_lossapart velotune_poolfit velotune_noskip velotune_expandable velotune_auto unsloth hf liger} \
     --results "$OUT/train_step.jsonl" --workdir /tmp/vb --timeout 150 2>&1 | grep --line-buffered "\[bench\]\|graphs" | tee "$OUT/train1b.txt"
 fi
 if [[ $what == train8b || $what == all ]]; then

@@ -16,11 +16,10 @@ rest offloaded), ``velotune_expandable`` = ``velotune`` with the allocator's exp
 (``PYTORCH_ALLOC_CONF``, before torch 2.10 ``PYTORCH_CUDA_ALLOC_CONF``: what Unsloth sets for its own process at
 import, so its peak reserved is measured with them; velotune leaves the allocator as the user set it),
 ``velotune_noskip`` = ``velotune`` with its recomputes running the MLP's down projection too
-(``models.recompute.SKIP_MLP_OUTPUT = False``: what the skip saves), ``velotune_poolsized`` = ``velotune`` with
-the graphs' pool of this one-shape step sized by its warm-up instead of cut by its capture
-(``models.graphs.SIZE_FIXED_SHAPE_POOL = True``, the default before the 13th session; rows of ``velotune_poolfit``
-measured the reverse, when that was the default), ``velotune_lossapart`` = ``velotune`` with the fused loss's
-temporaries in the default pool instead of the graphs' (``models.graphs.LOSS_IN_POOL = False``).
+(``models.recompute.SKIP_MLP_OUTPUT = False``: what the skip saves), ``velotune_poolfit`` / ``velotune_poolsized`` = ``velotune``
+with the graphs' pool of this one-shape step cut by its capture / sized by its warm-up
+(``models.graphs.SIZE_FIXED_SHAPE_POOL`` False / True, whatever the default), ``velotune_lossapart`` = ``velotune``
+with the fused loss's temporaries in the default pool instead of the graphs' (``models.graphs.LOSS_IN_POOL = False``).
 velotune's optimizer is bitsandbytes' AdamW8bit through ``without_host_syncs``, as velotune's SFTTrainer builds
 it (its 8-bit updates called directly,
 velotune.training.optim.DIRECT_ON_CUDA; rows of the peers ``velotune_direct`` / ``velotune_auto_direct`` in
@@ -45,12 +44,12 @@ from _peers import fast_model, hf_model
 
 PEERS = ["velotune", "velotune_eager", "velotune_auto", "velotune_auto_resident", "velotune_auto_16g",
          "velotune_auto_16g_offload", "velotune_auto_equal", "velotune_recompute", "velotune_expandable",
-         "velotune_noskip", "velotune_poolsized", "velotune_lossapart", "hf", "unsloth", "liger"]
+         "velotune_noskip", "velotune_poolfit", "velotune_poolsized", "velotune_lossapart", "hf", "unsloth", "liger"]
 # use_gradient_checkpointing per peer: the seed's (and Unsloth's) "unsloth" = offloaded checkpointing
 GC = {"velotune": "unsloth", "velotune_eager": "unsloth", "velotune_auto": "auto", "velotune_auto_resident": "auto",
       "velotune_auto_16g": "auto", "velotune_auto_16g_offload": "auto", "velotune_auto_equal": "auto",
       "velotune_recompute": True, "velotune_expandable": "unsloth", "velotune_noskip": "unsloth",
-      "velotune_poolsized": "unsloth", "velotune_lossapart": "unsloth",
+      "velotune_poolfit": "unsloth", "velotune_poolsized": "unsloth", "velotune_lossapart": "unsloth",
       "unsloth": "unsloth", "hf": True, "liger": True}
 
 
@@ -69,8 +68,8 @@ def load_peer(peer: str, ckpt: str, seq: int):
             from velotune.models import recompute
 
             recompute.SKIP_MLP_OUTPUT = False
-        if peer == "velotune_poolsized":  # the pool sized by its one warm-up (graphs.SIZE_FIXED_SHAPE_POOL)
-            graphs.SIZE_FIXED_SHAPE_POOL = True
+        if peer in ("velotune_poolfit", "velotune_poolsized"):  # the pool cut by its one capture / sized by its
+            graphs.SIZE_FIXED_SHAPE_POOL = peer == "velotune_poolsized"  # warm-up (graphs.SIZE_FIXED_SHAPE_POOL)
         if peer == "velotune_lossapart":  # the loss's temporaries in the default pool (graphs.LOSS_IN_POOL)
             graphs.LOSS_IN_POOL = False
         if peer == "velotune_auto_resident":  # "auto" holding the 4-bit weights dequantised (the default since

@@ -93,16 +93,20 @@ RESERVE_POOL = True
 # bindings (_can_route); without them, the warm-up runs as before.
 WARM_UP_IN_POOL = True
 # Whether a pool whose first batch is already the longest expected (or none is expected) is sized too, at what
-# that batch's warm-up cut. False: such a pool gets only what its captures cut, and later warm-ups still run
-# inside it. Measured (H200, the 1B seed step, one shape, same run, 13th session): pool 0.50 GiB, peak 1.52 /
-# 2.06 GiB allocated / reserved when False; 0.53 and 1.54 / 2.10 when True (the warm-up's cut exceeds what the
-# capture needs).
-SIZE_FIXED_SHAPE_POOL = False
+# that batch's warm-up cut; False: such a pool gets only what its captures cut (later warm-ups still run inside
+# it). Measured (H200, the 1B seed step, one shape, one run, 13th session), peak allocated / reserved and pool:
+# True 1.54 / 1.82 GiB, pool 0.53; False 1.52 / 1.90, pool 0.62. Alone, True cost 0.04 GiB reserved (2.10 vs 2.06:
+# the warm-up's cut exceeds what the capture needs); with the loss's temporaries in the pool (LOSS_IN_POOL), that
+# one free segment is where they fit, while the capture's own free blocks, cut to its temporaries, are too small
+# for the loss's chunk of logits and the pool grows by it.
+SIZE_FIXED_SHAPE_POOL = True
 # The fused loss's temporaries (the chunk of logits, the selected rows, the per-row losses) in the graphs' pool,
 # which sits unused between the forward's replays and the backward's (loss_scratch), instead of in the default
 # pool, where their segments came on top of the pool's. Only in a pool whose warm-ups run in it (policies
 # "recompute" / "offload"): there no block is read from one replay to the next, so the pool's free blocks are
 # free between them; the loss's outputs (the loss, the hidden state's gradient) stay in the default pool.
+# Measured (H200, the 1B seed step, one run, 13th session): peak reserved 1.82 GiB vs 2.06 without (Unsloth
+# 1.87), same peak allocated and speed.
 LOSS_IN_POOL = True
 
 # torch.cuda.graph's capture_error_mode (CUDA's stream-capture interaction mode); bench/diag_graphs.py
