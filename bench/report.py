@@ -329,13 +329,17 @@ def targets_section(rows: list[dict]) -> list[str]:
         cur = {r["peer"]: r for r in _latest_run_with([r for r in train if r["shape"] == shape], {"velotune", "unsloth"})}
         if not cur:
             continue
-        v, u = cur["velotune"], cur["unsloth"]
+        # a row marked default_from: a peer whose settings became velotune's defaults at that commit (the only
+        # change of velotune's code since the run's), measured in the same run as the old default
+        now = [r for r in cur.values() if r.get("default_from")]
+        v, u = (now[0] if now else cur["velotune"]), cur["unsloth"]
+        as_default = f", {v['peer']}: velotune's defaults from {v['default_from']} on" if now else ""
         ratio = v["tokens_per_s"] / u["tokens_per_s"]
         mem_ok = v["peak_alloc_gib"] <= u["peak_alloc_gib"], v["peak_reserved_gib"] <= u["peak_reserved_gib"]
         verdict = "met" if ratio >= 1.4 and all(mem_ok) else "missed" + (
             " (speed)" if ratio < 1.4 else "") + ("" if all(mem_ok) else " (memory: " + ", ".join(
                 name for name, ok in zip(("allocated", "reserved"), mem_ok) if not ok) + " above Unsloth's)")
-        out.append(f"- #3 {shape}, seed settings ({v['card']}, run {v['run_id']}): {ratio:.2f}x Unsloth (target 1.4x) "
+        out.append(f"- #3 {shape}, seed settings ({v['card']}, run {v['run_id']}{as_default}): {ratio:.2f}x Unsloth (target 1.4x) "
                    f"at {v['peak_alloc_gib']:.2f} / {v['peak_reserved_gib']:.2f} GiB allocated / reserved vs "
                    f"{u['peak_alloc_gib']:.2f} / {u['peak_reserved_gib']:.2f}: {verdict}")
         auto = {r["peer"]: r for r in _latest_run_with([r for r in train if r["shape"] == shape],

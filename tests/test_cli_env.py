@@ -88,7 +88,8 @@ def test_switched_off_gpu_paths_are_listed(monkeypatch):
                       (generation, "DECODE_ON_CUDA"), (nf4_matmul, "ON_CUDA"), (graphs, "PARAM_VIEWS"),
                       (graphs, "RESIDENT_ON_CUDA"), (lora, "BNB_GEMV_ON_CUDA"), (graphs, "AUTO_OFFLOAD_ON_CUDA"),
                       (optim, "DIRECT_ON_CUDA"), (recompute, "SKIP_MLP_OUTPUT"),
-                      (attention, "PREFER_CUDNN"), (graphs, "RESERVE_POOL"), (graphs, "WARM_UP_IN_POOL")):
+                      (attention, "PREFER_CUDNN"), (graphs, "RESERVE_POOL"), (graphs, "WARM_UP_IN_POOL"),
+                      (graphs, "LOSS_IN_POOL")):
         monkeypatch.setattr(mod, attr, True)
     assert env._pending_line(cuda=True) == "GPU paths: all on"
     monkeypatch.setattr(offload, "ENABLED_ON_CUDA", False)
@@ -98,3 +99,5 @@ def test_switched_off_gpu_paths_are_listed(monkeypatch):
     assert "memory planner" not in line and "packed rows" not in line
     monkeypatch.setattr(graphs, "WARM_UP_IN_POOL", False)
     assert "capture warm-ups inside the graphs' pool" in env._pending_line(cuda=True)
+    monkeypatch.setattr(graphs, "LOSS_IN_POOL", False)
+    assert "the loss's temporaries inside the graphs' pool" in env._pending_line(cuda=True)

@@ -121,7 +121,8 @@ def _pending_line(cuda: bool) -> str:
              "recomputes skip the unread down projection": recompute.SKIP_MLP_OUTPUT,
              "causal attention through cuDNN first": attention.PREFER_CUDNN,
              "graphs' pool sized for the longest batch": graphs.RESERVE_POOL,
-             "capture warm-ups inside the graphs' pool": graphs.WARM_UP_IN_POOL}
+             "capture warm-ups inside the graphs' pool": graphs.WARM_UP_IN_POOL,
+             "the loss's temporaries inside the graphs' pool": graphs.LOSS_IN_POOL}
     waiting = [name for name, on in flags.items() if not on]
     if not cuda:
         return "GPU paths: n/a (no CUDA GPU)"
