@@ -437,15 +437,43 @@ def test_loss_scratch_only_in_a_pool_its_warm_ups_use(tiny_dir, monkeypatch):
     assert graphs.loss_scratch(base) is None  # nothing recorded yet
     st = graphs.state_of(base)
     monkeypatch.setattr(graphs, "_can_route", lambda: True)
-    st.pool, st.stream = (0, 7), "the captures' stream"
+    st.pool, st.stream, st.replayed = (0, 7), "the captures' stream", True
     for reserved, used in ((None, False), ((None, 0, False), False), (("graph", 5, True), True), ((None, 0, True), True)):
         st.reserved = reserved
         assert (graphs.loss_scratch(base) is not None) == used, reserved
     monkeypatch.setattr(graphs, "LOSS_IN_POOL", False)
     assert graphs.loss_scratch(base) is None
     monkeypatch.setattr(graphs, "LOSS_IN_POOL", True)
+    st.replayed = False  # this forward's stack ran eagerly: its loss's temporaries would grow the pool for good
+    assert graphs.loss_scratch(base) is None
+    st.replayed = True
     monkeypatch.setattr(graphs, "_can_route", lambda: False)
     assert graphs.loss_scratch(base) is None
+
+
+def test_replayed_says_whether_this_forward_ran_through_graphs(tiny_dir, emulate, monkeypatch):
+    """st.replayed (what loss_scratch asks) is set by a forward whose stack replays graphs and cleared by the next
+    one that runs eagerly: a batch past AUTO_MAX_TOKENS, a forward without gradients, graphs switched off."""
+    model = _model(tiny_dir)
+    st = graphs.state_of(model.get_base_model())
+    ids = _ids(1, (2, 24))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert st.replayed and st.captures == 1
+    monkeypatch.setattr(graphs, "AUTO_MAX_TOKENS", 50)
+    longer = _ids(2, (2, 32))
+    model(input_ids=longer, labels=longer).loss.backward()  # a new shape of 64 tokens: eager in "auto"
+    assert not st.replayed and st.captures == 1
+    monkeypatch.setattr(graphs, "AUTO_MAX_TOKENS", 65536)
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert st.replayed
+    with torch.no_grad():
+        model(input_ids=ids, labels=ids)
+    assert not st.replayed
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert st.replayed
+    set_cuda_graphs(model, False)
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert not graphs.state_of(model.get_base_model()).replayed
 
 
 def test_warm_up_routing_gives_the_pool_back_its_count(monkeypatch):

@@ -38,7 +38,7 @@ from ..kernels.lora import lora_linear, lora_mlp, lora_qkv
 from ..kernels.rms_norm import rms_norm
 from ..kernels.rope import rope, rope_cos_sin
 from . import attention as A
-from . import chunked
+from . import chunked, graphs
 from . import offload as offload_mod
 from . import recompute
 from .registry import FamilySpec, activation_of, family_of
@@ -273,8 +273,6 @@ def _loss_or_logits(model, hidden, shift_labels, num_items_in_batch, logits_to_k
         denom = num_items_in_batch if num_items_in_batch is not None else (shift_labels != -100).sum().clamp(min=1)
         return loss / denom, logits
     if model.training:  # between the graphs' forward and backward replays: temporaries in their pool
-        from . import graphs
-
         return linear_cross_entropy(hidden, weight, shift_labels, softcap=softcap,
                                     num_items_in_batch=num_items_in_batch, valid=rows,
                                     scratch=graphs.loss_scratch(model)), None
@@ -356,6 +354,7 @@ def _backbone(self, spec, input_ids, attention_mask, position_ids):
     fsdp = [_is_fsdp(layer) for layer in layers]
     sharded = any(fsdp)
     offload = gc and _offload_requested(self) and offload_mod.available(x) and not sharded
+    graphs.state_of(self).replayed = False  # until run_stack replays this forward's stack (graphs.loss_scratch)
     if self.training and torch.is_grad_enabled() and not sharded:
         out = _graphed_stack(self, layers, x, plan, attn_plans, position_ids, _policy(self, gc, offload),
                              offload_mod.available(x))
@@ -480,8 +479,6 @@ def _graphed_stack(model, layers, x, plan, attn_plans, position_ids, policy="rec
     The per-call attention inputs (positions, packed-row starts and sequence offsets, masks) become
     static inputs of the graphs: the layers read the set's own copies, refilled every call. ``can_offload``:
     layer inputs may wait in host memory here ("auto" then offloads the layers it does not keep)."""
-    from . import graphs
-
     st = graphs.state_of(model)
     if st.mode is False or st.broken is not None or (x.device.type != "cuda" and not graphs.EMULATE_ON_CPU):
         return None

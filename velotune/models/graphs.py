@@ -650,10 +650,13 @@ def loss_scratch(model):
     stream is the captures' stream (which first waits for the current one, and which the current one waits for
     after) and allocations come from the graphs' pool (LOSS_IN_POOL). Allocate what outlives the context before
     entering it; only temporaries may be allocated within, and nothing allocated within may be read after it:
-    the next replay writes over those blocks."""
+    the next replay writes over those blocks. Only after a forward whose stack replayed graphs: its loss's
+    temporaries (a few rows x hidden size, one chunk of logits) are then smaller than what the pool holds for its
+    layers (rows x intermediate size); those of a batch that ran eagerly (longer than any recorded, e.g. past
+    AUTO_MAX_TOKENS) would grow the pool for good."""
     st = model.__dict__.get("_velotune_graphs")
-    if (not LOSS_IN_POOL or st is None or st.pool is None or st.stream is None or not st.reserved
-            or not st.reserved[2] or not _can_route()):
+    if (not LOSS_IN_POOL or st is None or not st.replayed or st.pool is None or st.stream is None
+            or not st.reserved or not st.reserved[2] or not _can_route()):
         return None
     return functools.partial(_scratch, st.pool, st.stream)
 
@@ -749,6 +752,7 @@ class _State:
         # reservation or None, its bytes, whether later warm-ups run in the pool)
         self.reserved = None
         self.stream = None  # the stream every capture (and, in a sized pool, its warm-up) runs on
+        self.replayed = False  # whether the latest training forward's stack ran through graphs (loss_scratch)
         self.memory_budget = None  # the "auto" planner's budget (plan_keep)
         self.resident: list = []  # frozen weights held dequantised for the recorded steps (GraphSet.resident)
         self.no_room: set = set()  # keys of shapes whose host copies did not fit (HostMemoryShort): eager
@@ -895,6 +899,7 @@ def run_stack(model, layers, x: torch.Tensor, make_run_layer, key_extra=(), chec
     which the pool is sized for at its first capture (RESERVE_POOL; 0: not known, sized for the first batch).
     """
     st = state_of(model)
+    st.replayed = False
     if st.mode is False or st.broken is not None:
         return None
     emulate = x.device.type != "cuda"
@@ -981,4 +986,5 @@ def run_stack(model, layers, x: torch.Tensor, make_run_layer, key_extra=(), chec
     else:
         st.sets.move_to_end(key)
         gs.set_inputs(inputs or {})
+    st.replayed = True
     return _StackFunction.apply(gs, x, *gs.flat_params)
