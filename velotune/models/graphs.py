@@ -105,8 +105,10 @@ SIZE_FIXED_SHAPE_POOL = True
 # pool, where their segments came on top of the pool's. Only in a pool whose warm-ups run in it (policies
 # "recompute" / "offload"): there no block is read from one replay to the next, so the pool's free blocks are
 # free between them; the loss's outputs (the loss, the hidden state's gradient) stay in the default pool.
-# Measured (H200, the 1B seed step, one run, 13th session): peak reserved 1.82 GiB vs 2.06 without (Unsloth
-# 1.87), same peak allocated and speed.
+# Measured (H200, 13th session, same runs): the 1B seed step's peak reserved 1.82 GiB (pool sized) or 1.90 (cut
+# by its capture) vs 2.06 with the loss apart (Unsloth 1.87); the 8B step's 7.26 vs 7.48; the 1B SFTTrainer
+# workflow's 1.81 / 2.00 / 1.83 GiB (padded / padding-free / packed) vs 2.01 / 2.17 / 2.10. Same peak allocated;
+# speed within the runs' noise.
 LOSS_IN_POOL = True
 
 # torch.cuda.graph's capture_error_mode (CUDA's stream-capture interaction mode); bench/diag_graphs.py
