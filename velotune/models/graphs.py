@@ -32,7 +32,8 @@ stops recording new ones; a shape dropped since, when the shared buffers grew fo
 again. Batches whose length changes every step gain nothing: pad them to a few fixed lengths, as SFTTrainer
 does. Otherwise the eager path runs, unchanged. All sets share one memory pool for their temporaries, sized at
 its first capture for the longest batch expected (RESERVE_POOL; SFTTrainer reads it from its dataset); the
-later captures' warm-ups run inside it (WARM_UP_IN_POOL).
+later captures' warm-ups run inside it (WARM_UP_IN_POOL), and so do the fused loss's temporaries between the
+forward's replays and the backward's (LOSS_IN_POOL, loss_scratch).
 
 Measured (H200, 1B shape, bs 2 x 2048, bench/run_train_step.py): 47.8K tokens/s with graphs vs 16.8K
 eager and Unsloth 21.3K in the same session. A capture attempted at the *second* step of the
