@@ -126,14 +126,11 @@ def one_mode(args) -> dict:
         from velotune.training import buckets
 
         buckets.N_BUCKETS = args.buckets
-    if args.no_pool_sizing and peer == "velotune":
+    if peer == "velotune" and (args.no_pool_sizing or args.loss_apart):  # the controls: graphs' switches off
         from velotune.models import graphs
 
-        graphs.RESERVE_POOL = False
-    if args.loss_apart and peer == "velotune":
-        from velotune.models import graphs
-
-        graphs.LOSS_IN_POOL = False
+        graphs.RESERVE_POOL = graphs.RESERVE_POOL and not args.no_pool_sizing
+        graphs.LOSS_IN_POOL = graphs.LOSS_IN_POOL and not args.loss_apart
     variant = ("-nographs" if args.no_graphs else "") + (f"-b{args.buckets}" if args.buckets else "") + \
         ("-unsized" if args.no_pool_sizing else "") + ("-lossapart" if args.loss_apart else "")
     if args.memory_trace and cuda and peer == "velotune":

@@ -755,7 +755,9 @@ class _State:
         # reservation or None, its bytes, whether later warm-ups run in the pool)
         self.reserved = None
         self.stream = None  # the stream every capture (and, in a sized pool, its warm-up) runs on
-        self.replayed = False  # whether the latest training forward's stack ran through graphs (loss_scratch)
+        # whether the latest forward's stack ran through graphs (loss_scratch): the decoder clears it before each
+        # forward's stack, run_stack sets it when it replays
+        self.replayed = False
         self.memory_budget = None  # the "auto" planner's budget (plan_keep)
         self.resident: list = []  # frozen weights held dequantised for the recorded steps (GraphSet.resident)
         self.no_room: set = set()  # keys of shapes whose host copies did not fit (HostMemoryShort): eager
@@ -902,7 +904,6 @@ def run_stack(model, layers, x: torch.Tensor, make_run_layer, key_extra=(), chec
     which the pool is sized for at its first capture (RESERVE_POOL; 0: not known, sized for the first batch).
     """
     st = state_of(model)
-    st.replayed = False
     if st.mode is False or st.broken is not None:
         return None
     emulate = x.device.type != "cuda"
