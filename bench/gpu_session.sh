@@ -6,7 +6,8 @@
 # VELOTUNE_COMMIT=<sha from `git rev-parse --short HEAD` run HERE> (+dirty for uncommitted changes). A
 # `$(git rev-parse ...)` in the command runs on the device and records that stale .git's commit (12th session).
 #   OUT=/tmp/out bash bench/gpu_session.sh [tests|new|attention|train1b|train8b|memory|poolmem|poolsize|packing|workflow|decode|all|long|probe|ddp|fsdp70b|gguf]...
-# (several stages run in the order given)
+# (several stages run in the order given; PROFILE=1: train1b / train8b also write each velotune peer's
+# per-op profile of one step to $OUT/profiles)
 set -u
 OUT=${OUT:-/tmp/velotune-gpu}
 mkdir -p "$OUT"
@@ -24,11 +25,11 @@ if [[ $what == new ]]; then  # the GPU paths written without a GPU (2026-11-28, 
 fi
 if [[ $what == train1b || $what == all ]]; then
   timeout ${LIMIT:-420} python bench/run_train_step.py --shapes 1b --peers ${PEERS:-velotune velotune_lossapart velotune_poolfit velotune_noskip velotune_expandable velotune_auto unsloth hf liger} \
-    --results "$OUT/train_step.jsonl" --workdir /tmp/vb --timeout 150 2>&1 | grep --line-buffered "\[bench\]\|graphs" | tee "$OUT/train1b.txt"
+    --results "$OUT/train_step.jsonl" --workdir /tmp/vb --timeout 150 ${PROFILE:+--profile-dir "$OUT/profiles"} 2>&1 | grep --line-buffered "\[bench\]\|graphs" | tee "$OUT/train1b.txt"
 fi
 if [[ $what == train8b || $what == all ]]; then
   timeout ${LIMIT:-560} python bench/run_train_step.py --shapes 8b --peers ${PEERS:-velotune velotune_noskip velotune_expandable velotune_auto velotune_auto_equal unsloth hf liger} \
-    --results "$OUT/train_step.jsonl" --workdir /tmp/vb --timeout 200 2>&1 | grep --line-buffered "\[bench\]\|graphs" | tee "$OUT/train8b.txt"
+    --results "$OUT/train_step.jsonl" --workdir /tmp/vb --timeout 200 ${PROFILE:+--profile-dir "$OUT/profiles"} 2>&1 | grep --line-buffered "\[bench\]\|graphs" | tee "$OUT/train8b.txt"
 fi
 if [[ $what == attention ]]; then  # SDPA backends (flash / cuDNN / efficient) at the 8B attention shape, and their bf16 error
   timeout 200 python bench/kernels/attention.py --head-dims ${HEAD_DIMS:-128 64} --lengths ${LENGTHS:-2048 16384 65536 131072} --out "$OUT/attention.jsonl" 2>&1 | tee "$OUT/attention.txt"
