@@ -5,7 +5,7 @@
 # The device's copy of the tree carries a stale .git: write the commit into the command literally, as
 # VELOTUNE_COMMIT=<sha from `git rev-parse --short HEAD` run HERE> (+dirty for uncommitted changes). A
 # `$(git rev-parse ...)` in the command runs on the device and records that stale .git's commit (12th session).
-#   OUT=/tmp/out bash bench/gpu_session.sh [tests|new|attention|train1b|train8b|memory|poolmem|poolsize|packing|workflow|decode|all|long|probe|ddp|fsdp70b|gguf]...
+#   OUT=/tmp/out bash bench/gpu_session.sh [tests|new|attention|dequant|train1b|train8b|memory|poolmem|poolsize|packing|workflow|decode|all|long|probe|ddp|fsdp70b|gguf]...
 # (several stages run in the order given; PROFILE=1: train1b / train8b also write each velotune peer's
 # per-op profile of one step to $OUT/profiles)
 set -u
@@ -33,6 +33,9 @@ if [[ $what == train8b || $what == all ]]; then
 fi
 if [[ $what == attention ]]; then  # SDPA backends (flash / cuDNN / efficient) at the 8B attention shape, and their bf16 error
   timeout 200 python bench/kernels/attention.py --head-dims ${HEAD_DIMS:-128 64} --lengths ${LENGTHS:-2048 16384 65536 131072} --out "$OUT/attention.jsonl" 2>&1 | tee "$OUT/attention.txt"
+fi
+if [[ $what == dequant ]]; then  # the NF4 dequantisation kernel's launch settings at the 8B shapes, vs bitsandbytes
+  timeout 240 python bench/kernels/nf4_dequant_sweep.py --out "$OUT/kernels.jsonl" 2>&1 | tee "$OUT/dequant.txt"
 fi
 if [[ $what == memory ]]; then  # where the seed step's GPU memory goes (1B and 8B, velotune and Unsloth): segments, callers
   python -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; from run_train_step import make_checkpoint
