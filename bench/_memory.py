@@ -42,10 +42,28 @@ def memory_summary(snap: dict, header: str) -> str:
     events = [e for trace in snap.get("device_traces", []) for e in trace if e.get("action") == "segment_alloc"]
     out += ["", f"largest of {len(events)} segment allocations (MiB, stream, where):"]
     for e in sorted(events, key=lambda e: -e["size"])[:40]:
-        frames = [f for f in e.get("frames", []) if "/velotune/" in f["filename"] or "/bench/" in f["filename"]][:4]
-        where = " <- ".join(f"{Path(f['filename']).name}:{f['line']} {f['name']}" for f in frames) or "?"
-        out.append(f"  {e['size'] / 2**20:9.1f}  {e['stream']:#x}  {where}")
+        out.append(f"  {e['size'] / 2**20:9.1f}  {e['stream']:#x}  {_where(e)}")
+    # the default pool's unused reserve: which segments hold it, who cut them and what still lives in them
+    made = {e["addr"]: e for e in events}  # a segment's latest allocation event (addresses are reused)
+    default = [s for s in snap["segments"] if not in_graph_pool(s)]
+    slack = sorted(default, key=lambda s: s["allocated_size"] - s["total_size"])
+    out += ["", f"default-pool segments with the most free bytes (of {len(default)}, "
+                f"{sum(s['total_size'] - s['allocated_size'] for s in default) / 2**20:.1f} MiB free in all): "
+                "MiB total / free, largest free block; cut by; live blocks (MiB, where)"]
+    for seg in slack[:15]:
+        free = [b["size"] for b in seg["blocks"] if b["state"] != "active_allocated"]
+        live = [b for b in seg["blocks"] if b["state"] == "active_allocated"]
+        out.append(f"  {seg['total_size'] / 2**20:8.1f} / {(seg['total_size'] - seg['allocated_size']) / 2**20:7.1f}, "
+                   f"{max(free, default=0) / 2**20:7.1f}; cut by {_where(made.get(seg['address'], {}))}")
+        for b in sorted(live, key=lambda b: -b["size"])[:3]:
+            out.append(f"      live {b['size'] / 2**20:8.2f}  {_where(b)}")
     return "\n".join(out) + "\n"
+
+
+def _where(event: dict) -> str:
+    """The velotune / bench frames of a recorded allocation event or block, innermost first."""
+    frames = [f for f in event.get("frames", []) if "/velotune/" in f["filename"] or "/bench/" in f["filename"]][:4]
+    return " <- ".join(f"{Path(f['filename']).name}:{f['line']} {f['name']}" for f in frames) or "?"
 
 
 def log_captures(path: str) -> None:

@@ -39,10 +39,10 @@ if [[ $what == dequant ]]; then  # the NF4 dequantisation kernel's launch settin
 fi
 if [[ $what == memory ]]; then  # where the seed step's GPU memory goes (1B and 8B, velotune and Unsloth): segments, callers
   python -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; from run_train_step import make_checkpoint
-for s in ('1b', '8b'): make_checkpoint(s, Path('/tmp/vb/llama-' + s))"
-  for shape in 1b 8b; do for peer in velotune unsloth; do
+for s in '${MEM_SHAPES:-1b 8b}'.split(): make_checkpoint(s, Path('/tmp/vb/llama-' + s))"
+  for shape in ${MEM_SHAPES:-1b 8b}; do for peer in ${MEM_PEERS:-velotune unsloth}; do
     timeout 150 python bench/train_step.py --peer $peer --ckpt /tmp/vb/llama-$shape --warmup 3 --steps 3 --json /tmp/vb/mem.json \
-      --memory-trace "$OUT/memory-$shape-$peer.txt" > /dev/null 2>&1; head -3 "$OUT/memory-$shape-$peer.txt"
+      --memory-trace "$OUT/memory-$shape-$peer.txt" > /dev/null 2>&1; head -3 "$OUT/memory-$shape-$peer.txt"; grep -A60 '^default-pool segments' "$OUT/memory-$shape-$peer.txt" | head -60
   done; done
 fi
 if [[ $what == poolmem ]]; then  # the SFT workflow's CUDA-graph pool: one line per capture (captures-*.txt), 8 vs 4 bucket lengths
