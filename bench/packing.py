@@ -141,13 +141,23 @@ def one_mode(args) -> dict:
 
     ds = make_dataset(args.examples, args.min_len, args.max_len, model.config.vocab_size, args.seed)
     times, seen = [], []  # per optimizer step: its end time, and how many batches the collator had made by then
+    captures = _record_captures() if cuda and peer == "velotune" else []  # (step, shape, seconds) per capture
+    prof = {}
 
     class _Clock(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            if args.profile_steps and len(times) == args.profile_steps[0]:
+                prof["p"] = _start_profiler(cuda)
+
         def on_step_end(self, *a, **k):
             if cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter())
             seen.append(len(counter.counts))
+            for c in captures:
+                c.setdefault("step", len(times) - 1)  # the step whose forward recorded it
+            if "p" in prof and len(times) == args.profile_steps[1]:
+                prof["summary"] = _stop_profiler(prof.pop("p"), times[args.profile_steps[0] - 1:], args)
 
     targs = SFTConfig(output_dir=str(Path(args.workdir) / f"out-{args.mode}"), per_device_train_batch_size=2,
                       num_train_epochs=1, learning_rate=2e-4, lr_scheduler_type="linear",
@@ -188,11 +198,78 @@ def one_mode(args) -> dict:
         "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3) if cuda else None,
         "final_loss": trainer.state.log_history[-1].get("train_loss"),
+        # each step's wall time (the first from the start of train()): where captures and syncs land
+        "step_s": [round(b - a, 4) for a, b in zip([t0] + times[:-1], times)],
+        **({"captures": captures} if captures else {}),
+        **({"profile": prof["summary"]} if "summary" in prof else {}),
         **({"graphs": False} if args.no_graphs and peer == "velotune" else {}),
         **({"buckets": args.buckets} if args.buckets and peer == "velotune" else {}),
         **({"pool_sizing": False} if args.no_pool_sizing and peer == "velotune" else {}),
         **({"loss_in_pool": False} if args.loss_apart and peer == "velotune" else {}),
     }
+
+
+def _steps_line(row: dict) -> str:
+    """Step times at a glance: median, the slowest five (step index: seconds) and each capture's step."""
+    st = row.get("step_s") or []
+    if not st:
+        return ""
+    slow = sorted(range(len(st)), key=lambda i: -st[i])[:5]
+    caps = ", ".join(f"{c['shape']}@{c.get('step')}:{c['s']}s" for c in row.get("captures", []))
+    return (f"; step median {sorted(st)[len(st) // 2] * 1e3:.1f} ms, slowest "
+            + ", ".join(f"{i}:{st[i]:.2f}" for i in slow) + (f"; captures {caps}" if caps else ""))
+
+
+def _record_captures() -> list:
+    """From now on, one dict per CUDA-graph set velotune records: the batch shape and the seconds it took (the
+    step it happened in is filled in at that step's end)."""
+    from velotune.models import graphs
+
+    out, init = [], graphs.GraphSet.__init__
+
+    def timed(self, make_run_layer, layers, x_example, *a, **k):
+        t = time.perf_counter()
+        init(self, make_run_layer, layers, x_example, *a, **k)
+        out.append({"shape": list(x_example.shape[:2]), "s": round(time.perf_counter() - t, 3)})
+
+    graphs.GraphSet.__init__ = timed
+    return out
+
+
+def _start_profiler(cuda: bool):
+    import torch
+
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    p = torch.profiler.profile(activities=acts)
+    p.__enter__()
+    return p
+
+
+def _stop_profiler(p, ends: list, args) -> dict:
+    """Stop the profiler of steps ``--profile-steps A B``: the ops table (written next to the results), and per
+    step the wall time against the time the GPU was busy with kernels (the union of kernel intervals on
+    any stream but the copy engines'; what is left of the wall time the GPU waited for the host)."""
+    p.__exit__(None, None, None)
+    spans = sorted((e.time_range.start, e.time_range.end) for e in p.events()
+                   if e.device_type.name == "CUDA" and not e.name.startswith("Memcpy") and e.time_range.end > 0)
+    busy, cur_s, cur_e = 0.0, None, None
+    for s_, e_ in spans:  # union of intervals, microseconds
+        if cur_e is None or s_ > cur_e:
+            busy += (cur_e - cur_s) if cur_e is not None else 0.0
+            cur_s, cur_e = s_, e_
+        else:
+            cur_e = max(cur_e, e_)
+    busy += (cur_e - cur_s) if cur_e is not None else 0.0
+    steps = args.profile_steps[1] - args.profile_steps[0]
+    wall = ends[-1] - ends[0]
+    table = p.key_averages().table(sort_by="self_cpu_time_total", row_limit=45, max_name_column_width=70)
+    if args.profile_out:
+        Path(args.profile_out).mkdir(parents=True, exist_ok=True)
+        (Path(args.profile_out) / f"workflow-{args.mode}.txt").write_text(
+            f"{args.mode}, steps {args.profile_steps[0]}-{args.profile_steps[1] - 1}: wall {wall * 1e3 / steps:.1f} ms a "
+            f"step, GPU busy {busy / 1e3 / steps:.1f} ms a step\n{table}\n")
+    return {"steps": list(args.profile_steps), "wall_ms_per_step": round(wall * 1e3 / steps, 2),
+            "gpu_busy_ms_per_step": round(busy / 1e3 / steps, 2)}
 
 
 def main() -> int:
@@ -218,6 +295,9 @@ def main() -> int:
                    help="velotune's graphs' pool not sized for the longest batch (models.graphs.RESERVE_POOL; a control)")
     p.add_argument("--loss-apart", action="store_true",
                    help="velotune's loss temporaries in the default pool, not the graphs' (models.graphs.LOSS_IN_POOL; a control)")
+    p.add_argument("--profile-steps", type=int, nargs=2, metavar=("A", "B"),
+                   help="torch.profiler over trainer steps A..B-1: wall vs GPU-busy ms a step in the row")
+    p.add_argument("--profile-out", help="folder for the profiled steps' op tables (workflow-MODE.txt)")
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "velotune-bench"))
     args = p.parse_args()
     if args.mode:  # child process: one mode
@@ -239,17 +319,21 @@ def main() -> int:
                "--logging-steps", str(args.logging_steps)]
         cmd += (["--memory-trace", args.memory_trace] if args.memory_trace else []) + \
             (["--no-graphs"] if args.no_graphs else []) + (["--buckets", str(args.buckets)] if args.buckets else []) + \
-            (["--no-pool-sizing"] if args.no_pool_sizing else []) + (["--loss-apart"] if args.loss_apart else [])
+            (["--no-pool-sizing"] if args.no_pool_sizing else []) + (["--loss-apart"] if args.loss_apart else []) + \
+            (["--profile-steps", *map(str, args.profile_steps)] if args.profile_steps else []) + \
+            (["--profile-out", args.profile_out] if args.profile_out else [])
         t = time.perf_counter()
         row = run_child(cmd, out, args.timeout, lambda msg: {"mode": mode, "error": msg})
         row.update(run_id=run_id, bench="packing", shape=f"llama-{args.shape}", card=card, examples=args.examples,
                    lengths=f"{args.min_len}-{args.max_len}", batch=2, gc="unsloth", wall_s=round(time.perf_counter() - t, 1),
                    versions=vers)
+        if args.profile_steps:  # a diagnostic run: the profiler slows its window, so BENCHMARKS' tables leave it out
+            row["note"] = f"steps {args.profile_steps[0]}-{args.profile_steps[1] - 1} profiled"
         with open(args.results, "a") as f:
             f.write(json.dumps(row) + "\n")
         print(f"[packing] {args.shape} {mode}: " + json.dumps({k: row.get(k) for k in
               ("tokens_per_s", "tokens_per_s_with_warmup", "steps", "batches_per_step", "real_tokens", "peak_alloc_gib",
-               "peak_reserved_gib", "error")}),
+               "peak_reserved_gib", "profile", "error")}) + _steps_line(row),
               flush=True)
     return 0
 

@@ -204,9 +204,11 @@ def main() -> int:
             t = time.perf_counter()
             row = run_child(cmd, out, args.timeout, lambda msg: {"peer": peer, "error": msg})
             prof = row.pop("profile", None)
-            if prof and args.profile_dir:
+            if prof and args.profile_dir:  # the first line says what ran (report.py reads the median step from it)
                 Path(args.profile_dir).mkdir(parents=True, exist_ok=True)
-                (Path(args.profile_dir) / f"profile-{shape}-{peer}.txt").write_text(prof)
+                head = (f"{card}, run {run_id} (velotune {vers.get('velotune_commit')}, peer {peer}, gc {row.get('gc')}), "
+                        f"median step {row['median_step_s'] * 1e3:.1f} ms; profiled: the first timed step\n")
+                (Path(args.profile_dir) / f"profile-{shape}-{peer}.txt").write_text(head + prof)
             row.update(run_id=run_id, bench="qlora_train_step", shape=f"llama-{shape}", card=card, dtype="bf16",
                        batch=2, seq=2048, lora="r16 a16, 7 targets", optimizer="adamw_8bit",
                        wall_s=round(time.perf_counter() - t, 1), versions=vers)
