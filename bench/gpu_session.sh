@@ -5,7 +5,7 @@
 # The device's copy of the tree carries a stale .git: write the commit into the command literally, as
 # VELOTUNE_COMMIT=<sha from `git rev-parse --short HEAD` run HERE> (+dirty for uncommitted changes). A
 # `$(git rev-parse ...)` in the command runs on the device and records that stale .git's commit (12th session).
-#   OUT=/tmp/out bash bench/gpu_session.sh [tests|new|attention|dequant|wfsteps|train1b|train8b|memory|poolmem|poolsize|packing|workflow|decode|all|long|probe|ddp|fsdp70b|gguf]...
+#   OUT=/tmp/out bash bench/gpu_session.sh [tests|new|attention|dequant|wfsteps|nanfilter|train1b|train8b|memory|poolmem|poolsize|packing|workflow|decode|all|long|probe|ddp|fsdp70b|gguf]...
 # (several stages run in the order given; PROFILE=1: train1b / train8b also write each velotune peer's
 # per-op profile of one step to $OUT/profiles)
 set -u
@@ -66,6 +66,13 @@ if [[ $what == wfsteps ]]; then  # the workflow's steps one by one: captures, sy
     timeout 280 python bench/packing.py --shape ${SHAPE:-1b} --examples ${EXAMPLES:-256} --logging-steps $ls \
       --modes ${MODES:-packed padded} --profile-steps ${PSTEPS:-30 36} --profile-out "$OUT/wfprof-log$ls" --timeout 130 \
       --results "$OUT/packing.jsonl" --workdir /tmp/vb 2>&1 | grep --line-buffered "\[packing\]" | tee -a "$OUT/wfsteps.txt"
+  done
+fi
+if [[ $what == nanfilter ]]; then  # the workflow with the NaN filter on the GPU vs transformers' host check, one call
+  for ctl in "" --host-nan-check; do
+    timeout 250 python bench/packing.py --shape ${SHAPE:-1b} --examples ${EXAMPLES:-256} --logging-steps 1 \
+      --modes ${MODES:-padded packed} $ctl --timeout 120 --results "$OUT/packing.jsonl" --workdir /tmp/vb 2>&1 \
+      | grep --line-buffered "\[packing\]" | tee -a "$OUT/nanfilter.txt"
   done
 fi
 if [[ $what == workflow ]]; then  # the seed's SFTTrainer workflow on each stack (loss logged every step), padded and packed

@@ -132,7 +132,8 @@ def one_mode(args) -> dict:
         graphs.RESERVE_POOL = graphs.RESERVE_POOL and not args.no_pool_sizing
         graphs.LOSS_IN_POOL = graphs.LOSS_IN_POOL and not args.loss_apart
     variant = ("-nographs" if args.no_graphs else "") + (f"-b{args.buckets}" if args.buckets else "") + \
-        ("-unsized" if args.no_pool_sizing else "") + ("-lossapart" if args.loss_apart else "")
+        ("-unsized" if args.no_pool_sizing else "") + ("-lossapart" if args.loss_apart else "") + \
+        ("-hostnan" if args.host_nan_check else "")
     if args.memory_trace and cuda and peer == "velotune":
         log_captures(str(Path(args.memory_trace) / f"captures-{args.mode}{variant}.txt"))
     import torch
@@ -168,6 +169,8 @@ def one_mode(args) -> dict:
                       **({"padding_free": True, "max_length": None} if args.mode == "padfree" else
                          {"max_length": args.max_len}))
     trainer = trainer_cls(model=model, processing_class=tok, train_dataset=ds, args=targs, callbacks=[_Clock()])
+    if args.host_nan_check and peer == "velotune":  # the control: transformers' host read of every loss
+        trainer._velotune_nan_filter, trainer.args.logging_nan_inf_filter = False, True
     outer = trainer.data_collator
     if type(outer).__name__ == "BucketPadding":  # velotune's: count inside it, before its bucket padding
         counter = outer.collator = _Counter(outer.collator)
@@ -206,6 +209,7 @@ def one_mode(args) -> dict:
         **({"buckets": args.buckets} if args.buckets and peer == "velotune" else {}),
         **({"pool_sizing": False} if args.no_pool_sizing and peer == "velotune" else {}),
         **({"loss_in_pool": False} if args.loss_apart and peer == "velotune" else {}),
+        **({"nan_filter": "host"} if args.host_nan_check and peer == "velotune" else {}),
     }
 
 
@@ -295,6 +299,8 @@ def main() -> int:
                    help="velotune's graphs' pool not sized for the longest batch (models.graphs.RESERVE_POOL; a control)")
     p.add_argument("--loss-apart", action="store_true",
                    help="velotune's loss temporaries in the default pool, not the graphs' (models.graphs.LOSS_IN_POOL; a control)")
+    p.add_argument("--host-nan-check", action="store_true",
+                   help="velotune's modes with transformers' NaN/Inf loss check on the host (a sync per micro-batch; a control)")
     p.add_argument("--profile-steps", type=int, nargs=2, metavar=("A", "B"),
                    help="torch.profiler over trainer steps A..B-1: wall vs GPU-busy ms a step in the row")
     p.add_argument("--profile-out", help="folder for the profiled steps' op tables (workflow-MODE.txt)")
@@ -321,7 +327,8 @@ def main() -> int:
             (["--no-graphs"] if args.no_graphs else []) + (["--buckets", str(args.buckets)] if args.buckets else []) + \
             (["--no-pool-sizing"] if args.no_pool_sizing else []) + (["--loss-apart"] if args.loss_apart else []) + \
             (["--profile-steps", *map(str, args.profile_steps)] if args.profile_steps else []) + \
-            (["--profile-out", args.profile_out] if args.profile_out else [])
+            (["--profile-out", args.profile_out] if args.profile_out else []) + \
+            (["--host-nan-check"] if args.host_nan_check else [])
         t = time.perf_counter()
         row = run_child(cmd, out, args.timeout, lambda msg: {"mode": mode, "error": msg})
         row.update(run_id=run_id, bench="packing", shape=f"llama-{args.shape}", card=card, examples=args.examples,

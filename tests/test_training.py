@@ -208,3 +208,96 @@ def test_step_housekeeping_from_cached_parameters_trains_like_transformers(tiny_
     assert runs[0][0] == runs[1][0]
     for k in runs[0][1]:
         assert torch.equal(runs[0][1][k], runs[1][1][k]), k
+
+
+def _nan_runs(tiny_dir, tmp_path, monkeypatch, user_filter: bool):
+    """Logged losses of two identical runs whose 2nd and 3rd micro-batches (of 6) report a NaN loss: velotune's
+    GPU-side filter, and transformers' own host check (the control). The NaN is the loss's value only (a
+    ``torch.where`` over it), so the gradients and the training stay finite."""
+    from velotune.training import trainer as trainer_mod
+
+    seen = {"n": 0}
+    real = trainer_mod.SFTTrainer.compute_loss
+
+    def nan_some(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = real(self, model, inputs, return_outputs, num_items_in_batch)
+        seen["n"] += 1
+        return torch.where(torch.tensor(seen["n"] in (2, 3)), torch.tensor(float("nan")), loss)
+
+    monkeypatch.setattr(trainer_mod.SFTTrainer, "compute_loss", nan_some)
+    runs = []
+    for ours in (True, False):
+        seen["n"] = 0
+        model, tok = _peft(tiny_dir)
+        args = TrainingArguments(output_dir=str(tmp_path / str(ours)), per_device_train_batch_size=2,
+                                 gradient_accumulation_steps=2, max_steps=3, logging_steps=1, learning_rate=1e-3,
+                                 report_to="none", seed=3, save_strategy="no", logging_nan_inf_filter=user_filter)
+        trainer = SFTTrainer(model=model, tokenizer=tok, train_dataset=_dataset(tok), args=args)
+        assert args.logging_nan_inf_filter is user_filter  # the caller's arguments are left as they were
+        assert trainer.args.logging_nan_inf_filter is False  # the host check is off in the trainer's copy
+        if not ours:  # the control: transformers' own check
+            trainer._velotune_nan_filter = False
+            trainer.args.logging_nan_inf_filter = user_filter
+        trainer.train()
+        runs.append([h["loss"] for h in trainer.state.log_history if "loss" in h])
+    return runs
+
+
+def test_nan_loss_filter_runs_on_the_gpu_and_logs_what_transformers_logs(tiny_dir, tmp_path, monkeypatch):
+    """logging_nan_inf_filter (transformers' default, on): a NaN micro-batch loss is replaced by the running
+    mean, computed on the device instead of after a host read of every micro-batch's loss; the logged losses
+    equal transformers' own, and are finite."""
+    ours, theirs = _nan_runs(tiny_dir, tmp_path, monkeypatch, user_filter=True)
+    assert len(ours) == 3 and all(v == v for v in ours)
+    assert ours == theirs
+
+
+def test_nan_loss_filter_off_logs_the_nan(tiny_dir, tmp_path, monkeypatch):
+    """logging_nan_inf_filter=False: nothing is filtered, as in transformers (the NaN reaches the log)."""
+    ours, theirs = _nan_runs(tiny_dir, tmp_path, monkeypatch, user_filter=False)
+    assert any(v != v for v in ours) and any(v != v for v in theirs)
+    assert [v for v in ours if v == v] == [v for v in theirs if v == v]
+
+
+def test_nan_filter_falls_back_to_transformers_check_without_a_running_total(tiny_dir, tmp_path):
+    """A transformers whose loop keeps no ``_tr_loss`` tensor: the device-side filter hands the check back."""
+    model, tok = _peft(tiny_dir)
+    trainer = SFTTrainer(model=model, tokenizer=tok, train_dataset=_dataset(tok),
+                         args=TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to="none"))
+    trainer.__dict__.pop("_tr_loss", None)
+    loss = torch.tensor(float("nan"))
+    assert trainer._filtered_loss(loss) is loss
+    assert trainer.args.logging_nan_inf_filter is True and trainer._velotune_nan_filter is False
+
+
+def test_training_loop_reads_no_loss_on_the_host(tiny_dir, tmp_path):
+    """With the NaN filter on the device, transformers' loop reads no micro-batch loss on the host (each such
+    read is a GPU sync); with its own check (the control) it reads two per micro-batch. Counted as scalar reads
+    (aten::_local_scalar_dense) made by transformers' training loop itself, logging out of the way."""
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reads(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                caller = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename][-1]
+                Reads.n += caller.name == "_run_epoch" and caller.filename.endswith("trainer.py")
+            return func(*args, **(kwargs or {}))
+
+    counts = []
+    for ours in (True, False):
+        model, tok = _peft(tiny_dir)
+        args = TrainingArguments(output_dir=str(tmp_path / str(ours)), per_device_train_batch_size=2,
+                                 gradient_accumulation_steps=2, max_steps=2, logging_steps=100, report_to="none",
+                                 save_strategy="no")
+        trainer = SFTTrainer(model=model, tokenizer=tok, train_dataset=_dataset(tok), args=args)
+        if not ours:
+            trainer._velotune_nan_filter, trainer.args.logging_nan_inf_filter = False, True
+        Reads.n = 0
+        with Reads():
+            trainer.train()
+        counts.append(Reads.n)
+    assert counts == [0, 8], counts  # 2 steps x 2 micro-batches x (isnan, isinf)

@@ -18,6 +18,7 @@ averaged over ranks by the Trainer, is that loss too). tests/test_distributed.py
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import os
@@ -348,11 +349,40 @@ class SFTTrainer(AtomicCheckpointMixin, trl.SFTTrainer):
         wrap_trainer_collator(self, model, st)
         if st is not None and fsdp is None:
             _fast_zero_grad(self.model)
+        # transformers' NaN/Inf filter of the logged loss reads each micro-batch's loss on the host (a sync after
+        # every backward: the host could not queue the optimizer step, or the next batch, while the GPU works).
+        # velotune applies the same filter on the GPU (training_step) and switches the host check off in the
+        # trainer's own copy of the arguments (the caller's object is left as it was).
+        self._velotune_nan_filter = bool(self.args.logging_nan_inf_filter)
+        if self._velotune_nan_filter:
+            self.args = copy.copy(self.args)
+            self.args.logging_nan_inf_filter = False
         from transformers.trainer_callback import ProgressCallback
 
         bar = next((c for c in self.callback_handler.callbacks if isinstance(c, ProgressCallback)), None)
         if bar is not None:
             self.add_callback(ProgressPostfix(bar))
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """transformers' / TRL's training step; the loss it returns goes through :meth:`_filtered_loss`."""
+        return self._filtered_loss(super().training_step(model, inputs, num_items_in_batch))
+
+    def _filtered_loss(self, loss):
+        """transformers' ``logging_nan_inf_filter`` without a host sync. transformers adds each micro-batch's
+        loss to its running total, or, for a NaN / Inf loss, the running total's mean over the steps since the
+        last log (``tr += tr / (1 + global_step - last_logged)``). Here the loss returned is already that
+        mean where it is not finite (``torch.where`` on the GPU), and the trainer adds it as it is: the same
+        totals, the same logs. Only the logged loss is affected, as in transformers: the gradients are the
+        step's own. A transformers that keeps its running total elsewhere gets its own check back."""
+        if not self._velotune_nan_filter:
+            return loss
+        total = getattr(self, "_tr_loss", None)
+        if not isinstance(total, torch.Tensor) or total.device != loss.device:
+            self._velotune_nan_filter = False  # transformers' host check from this micro-batch on
+            self.args.logging_nan_inf_filter = True
+            return loss
+        since = 1 + self.state.global_step - self._globalstep_last_logged
+        return torch.where(torch.isfinite(loss), loss, total / since)
 
     def create_optimizer(self, *args, **kwargs):
         """The optimizer ``args.optim`` names; bitsandbytes' non-paged ones step without a host sync per
