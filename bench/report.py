@@ -203,7 +203,8 @@ def decode_section(rows: list[dict]) -> list[str]:
 
 
 def packing_section(rows: list[dict]) -> list[str]:
-    rs = [r for r in rows if r.get("bench") == "packing" and r.get("card") not in (None, "cpu")]
+    # rows with a note (e.g. profiled steps, which the profiler slows) are diagnostics, not measurements
+    rs = [r for r in rows if r.get("bench") == "packing" and r.get("card") not in (None, "cpu") and not r.get("note")]
     if not rs:
         return ["## Packing (issue #4)", "", "bench/packing.py (packed vs padded real tokens/s) has not run on a GPU yet.", ""]
 
@@ -211,6 +212,7 @@ def packing_section(rows: list[dict]) -> list[str]:
         extra = [text for key, text in (("graphs", "no graphs"), ("pool_sizing", "pool not sized"),
                                                       ("loss_in_pool", "loss apart from the pool")) if r.get(key) is False]
         extra += [f"{r['buckets']} buckets"] if r.get("buckets") else []
+        extra += ["NaN check on the host"] if r.get("nan_filter") == "host" else []
         return r["mode"] + (f" ({', '.join(extra)})" if extra else "")
 
     def row(r):

@@ -290,6 +290,10 @@ class SFTTrainer(AtomicCheckpointMixin, trl.SFTTrainer):
     accelerate FSDP config) velotune shards the model itself (FSDP2, every decoder layer one unit: the fused
     kernels run on the sharded layers) and accelerate only runs the loop: saves and checkpoints gather the
     adapter and optimizer state (safetensors) on rank 0, and resume puts them back into the shards.
+
+    transformers' ``logging_nan_inf_filter`` (a NaN / Inf micro-batch loss is logged as the running mean) is
+    applied on the device (:meth:`_filtered_loss`) instead of after a host read of every micro-batch's loss;
+    the trainer's own copy of the arguments has it off, the caller's object is left unchanged.
     """
 
     def __init__(self, model=None, args=None, data_collator=None, train_dataset=None, eval_dataset=None,
