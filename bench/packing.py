@@ -170,7 +170,7 @@ def one_mode(args) -> dict:
                          {"max_length": args.max_len}))
     trainer = trainer_cls(model=model, processing_class=tok, train_dataset=ds, args=targs, callbacks=[_Clock()])
     if args.host_nan_check and peer == "velotune":  # the control: transformers' host read of every loss
-        trainer._velotune_nan_filter, trainer.args.logging_nan_inf_filter = False, True
+        trainer._nan_check_on_host()
     outer = trainer.data_collator
     if type(outer).__name__ == "BucketPadding":  # velotune's: count inside it, before its bucket padding
         counter = outer.collator = _Counter(outer.collator)

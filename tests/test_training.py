@@ -236,8 +236,8 @@ def _nan_runs(tiny_dir, tmp_path, monkeypatch, user_filter: bool):
         assert args.logging_nan_inf_filter is user_filter  # the caller's arguments are left as they were
         assert trainer.args.logging_nan_inf_filter is False  # the host check is off in the trainer's copy
         if not ours:  # the control: transformers' own check
-            trainer._velotune_nan_filter = False
-            trainer.args.logging_nan_inf_filter = user_filter
+            trainer._nan_check_on_host()
+            assert trainer.args.logging_nan_inf_filter is user_filter
         trainer.train()
         runs.append([h["loss"] for h in trainer.state.log_history if "loss" in h])
     return runs
@@ -295,7 +295,7 @@ def test_training_loop_reads_no_loss_on_the_host(tiny_dir, tmp_path):
                                  save_strategy="no")
         trainer = SFTTrainer(model=model, tokenizer=tok, train_dataset=_dataset(tok), args=args)
         if not ours:
-            trainer._velotune_nan_filter, trainer.args.logging_nan_inf_filter = False, True
+            trainer._nan_check_on_host()
         Reads.n = 0
         with Reads():
             trainer.train()
